@@ -1,0 +1,296 @@
+"""Configuration: frozen dataclasses with defaults in code, YAML files as diffs.
+
+`to_dict(cfg)` is Ray's `train_loop_config`, the base of a Tune space and
+`checkpoint["config"]`; `from_dict` rebuilds the exact same object. Unknown keys
+and wrong types fail loudly, naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake the user can fix: the CLI prints it as one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # prepared dataset folder (`distgan prepare`); set by --data
+    split: str = "train"  # split the GAN trains on: train | test | all
+    batch_size: int = 64  # per worker; the global batch is batch_size * num_workers
+    worker_cache_mb: int = 1024  # keep a worker's shard in memory after epoch 1 if it fits; 0 = stream every epoch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "dcgan"  # dcgan | resnet
+    z_dim: int = 128  # latent size
+    width: int = 64  # channel multiplier: the widest D/G layer has 8*width (dcgan) or 2*width (resnet)
+    spectral_norm: bool = False  # spectral norm on every D layer (instead of BatchNorm for dcgan)
+    resolution: int = 32  # filled from dataset.json at train time
+    channels: int = 1  # filled from dataset.json at train time
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "ns"  # ns | hinge | wgan-gp | lsgan
+    gp_weight: float = 10.0  # lambda of the wgan-gp gradient penalty
+    r1_gamma: float = 0.0  # R1 penalty on real images, any loss; 0 = off
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5  # DCGAN's choice: 0.9 makes GAN training oscillate
+    beta2: float = 0.999
+    n_critic: int = 1  # D steps per G step
+    ema_decay: float = 0.999  # G_ema <- decay * G_ema + (1 - decay) * G
+    diffaugment: str = ""  # comma list of translation,cutout,color; "" = off
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000  # G steps
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1  # Ray CPUs reserved per worker (data loading, threads)
+    amp: bool = False  # bf16 autocast (GPUs, and CPUs with AVX-512 bf16)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    max_failures: int = 0  # worker crashes to survive by restoring the last checkpoint
+    seed: int = 0
+    num_samples: int = 64  # images in the fixed-noise sample grid
+    threads_per_worker: int = 0  # torch threads per worker; 0 = cores / workers
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training; 0 = off
+    num_images: int = 1000  # real and generated images per FID/KID estimate
+    classifier: str = ""  # weights file from `distgan evaluator train`; "" = no FID/KID
+    inception_weights: str = ""  # local Inception weights for the standard FID
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k: int = 10
+    preprocess: str = "pca-whiten"  # none | l2 | pca-whiten
+    pca_dim: int = 64
+    niter: int = 20
+    nredo: int = 1
+    spherical: bool = False
+    sample: int = 0  # train k-means on this many points; 0 = all
+    seed: int = 0
+    features: str = "multi"  # last | multi: which D layers the embedding pools
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    metric: str = "loss/g"
+    mode: str = "min"
+    scheduler: str = "asha"  # asha | pbt | fifo
+    trials: int = 4
+    max_concurrent: int = 0  # 0 = as many as the cluster fits
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+# ---------------------------------------------------------------- dict <-> config
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def _check_value(key: str, value: Any, typ: type) -> Any:
+    # bool is a subclass of int: reject it where a number is expected, and accept
+    # ints where floats are expected (YAML reads `1` as int).
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise UserError(
+        f"config key '{key}' expects {typ.__name__}, got {type(value).__name__} ({value!r})"
+    )
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+    types = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in types:
+            raise _unknown(dotted, sorted(types))
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value, dotted + ".")
+        else:
+            kwargs[key] = _check_value(dotted, value, typ)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Strict inverse of `to_dict`; missing keys take their defaults."""
+    return _build(Config, data, "")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key, e.g. 'optim.lr_d'."""
+    keys = []
+    for name, typ in _fields(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b` in a nested dict; the key is checked against the schema."""
+    if key not in all_keys():
+        raise _unknown(key, all_keys())
+    section, leaf = key.split(".")
+    data.setdefault(section, {})[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["optim.lr_d=1e-4", "model.arch=resnet"]` -> {"optim.lr_d": 1e-4, ...} (YAML scalars)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got '{pair}' (e.g. --set optim.lr_d=1e-4)")
+        key, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        # YAML 1.1 reads "1e-4" as a string; users mean a number.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else value
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        set_dotted(data, key, value)
+    return validate(from_dict(data))
+
+
+def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file (only what differs) <- dotted overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = from_dict(data)
+    return apply_overrides(cfg, overrides or {})
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------- validation
+
+ARCHS = ("dcgan", "resnet")
+LOSSES = ("ns", "hinge", "wgan-gp", "lsgan")
+AUGMENTS = ("translation", "cutout", "color")
+PREPROCESS = ("none", "l2", "pca-whiten")
+FEATURES = ("last", "multi")
+SCHEDULERS = ("asha", "pbt", "fifo")
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UserError(f"{key}='{value}' is not valid; choose one of: {', '.join(valid)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> Config:
+    """Every combination of arch and loss is valid; the few real constraints live here."""
+    m, o, t, c = cfg.model, cfg.optim, cfg.train, cfg.cluster
+    _choice("model.arch", m.arch, ARCHS)
+    _choice("loss.name", cfg.loss.name, LOSSES)
+    _choice("data.split", cfg.data.split, ("train", "test", "all"))
+    _choice("cluster.preprocess", c.preprocess, PREPROCESS)
+    _choice("cluster.features", c.features, FEATURES)
+    _choice("tune.scheduler", cfg.tune.scheduler, SCHEDULERS)
+    _choice("tune.mode", cfg.tune.mode, ("min", "max"))
+    for aug in filter(None, o.diffaugment.split(",")):
+        _choice("optim.diffaugment", aug.strip(), AUGMENTS)
+    if m.resolution not in (8, 16, 32, 64, 128, 256):
+        raise UserError(f"model.resolution must be a power of two from 8 to 256, got {m.resolution}")
+    if m.arch == "dcgan" and m.resolution not in (32, 64):
+        raise UserError(f"model.arch=dcgan supports resolution 32 or 64, got {m.resolution}; prepare the data with --resolution 32")
+    if m.arch == "resnet" and m.resolution != 32:
+        raise UserError(f"model.arch=resnet supports resolution 32, got {m.resolution}; prepare the data with --resolution 32")
+    for key, value in [
+        ("data.batch_size", cfg.data.batch_size), ("model.z_dim", m.z_dim), ("model.width", m.width),
+        ("model.channels", m.channels), ("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d),
+        ("optim.n_critic", o.n_critic), ("train.steps", t.steps), ("train.num_workers", t.num_workers), ("train.cpus_per_worker", t.cpus_per_worker),
+        ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.log_every", t.log_every), ("train.num_samples", t.num_samples),
+        ("cluster.k", c.k), ("cluster.pca_dim", c.pca_dim), ("cluster.niter", c.niter), ("cluster.nredo", c.nredo),
+        ("tune.trials", cfg.tune.trials),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("loss.gp_weight", cfg.loss.gp_weight), ("loss.r1_gamma", cfg.loss.r1_gamma),
+        ("data.worker_cache_mb", cfg.data.worker_cache_mb), ("train.max_failures", t.max_failures), ("train.threads_per_worker", t.threads_per_worker),
+        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("tune.max_concurrent", cfg.tune.max_concurrent),
+    ]:
+        _positive(key, value, allow_zero=True)
+    if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
+        raise UserError(f"optim.beta1 and optim.beta2 must lie in [0, 1), got {o.beta1}, {o.beta2}")
+    if not (0.0 <= o.ema_decay < 1.0):
+        raise UserError(f"optim.ema_decay must lie in [0, 1), got {o.ema_decay}")
+    if c.k < 2:
+        raise UserError(f"cluster.k must be at least 2, got {c.k}")
+    return cfg

@@ -1,0 +1,212 @@
+"""Generators and discriminators. Every D has `forward(x) -> logits (N,)` and
+`embed(x, features) -> (N, E)`: global-average-pooled hidden features.
+
+Embedding sizes E (w = model.width):
+  dcgan  last : 4w at 32 px, 8w at 64 px (the last conv block, 4x4, averaged) -> 256 at w=64, 32 px
+  dcgan  multi: w + 2w + 4w = 7w at 32 px, 15w at 64 px (every block, each averaged) -> 448
+  resnet last : 2w (after the final ReLU, averaged)                -> 128 at w=64
+  resnet multi: 4 * 2w (each residual block, averaged)             -> 512
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .config import ModelConfig, UserError
+
+
+def _sn(module: nn.Module, on: bool) -> nn.Module:
+    return nn.utils.spectral_norm(module) if on else module
+
+
+def _pool_cat(feats: list[torch.Tensor]) -> torch.Tensor:
+    # each (N, C_i, H_i, W_i) -> (N, sum C_i)
+    return torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)
+
+
+# ---------------------------------------------------------------- DCGAN
+
+
+class DCGANGenerator(nn.Module):
+    """z (N, z_dim) -> image (N, C, R, R) in [-1, 1]; R = 32 or 64."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w = cfg.width
+        n_up = int(math.log2(cfg.resolution)) - 2  # 4x4 -> R: 3 ups for 32, 4 for 64
+        chans = [w * 2 ** (n_up - 1 - i) for i in range(n_up)]  # [4w, 2w, w] for 32, mirror of D
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.z_dim, chans[0], 4, 1, 0, bias=False),  # (N, 4w, 4, 4)
+            nn.BatchNorm2d(chans[0]),
+            nn.ReLU(True),
+        ]
+        for c_in, c in zip(chans[:-1], chans[1:]):  # each doubles H, W
+            layers += [nn.ConvTranspose2d(c_in, c, 4, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(chans[-1], cfg.channels, 4, 2, 1), nn.Tanh()]  # (N, C, R, R)
+        self.net = nn.Sequential(*layers)
+        self.z_dim = cfg.z_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    """image (N, C, R, R) -> logits (N,). LeakyReLU(0.2); BatchNorm after the first
+    block unless spectral norm is on (SN replaces BN, as in SNGAN's DCGAN-D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        w, sn = cfg.width, cfg.spectral_norm
+        n_down = int(math.log2(cfg.resolution)) - 2  # R -> 4x4
+        self.blocks = nn.ModuleList()
+        c_in = cfg.channels
+        for i in range(n_down):
+            c = w * 2**i  # w, 2w, 4w (, 8w)
+            layers: list[nn.Module] = [_sn(nn.Conv2d(c_in, c, 4, 2, 1, bias=(i == 0 or sn)), sn)]
+            if i > 0 and not sn:
+                layers.append(nn.BatchNorm2d(c))
+            layers.append(nn.LeakyReLU(0.2, inplace=False))
+            self.blocks.append(nn.Sequential(*layers))
+            c_in = c
+        self.head = _sn(nn.Conv2d(c_in, 1, 4, 1, 0), sn)  # (N, 1, 1, 1)
+        self.feature_dims = {"last": c_in, "multi": sum(w * 2**i for i in range(n_down))}
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)[-1]).flatten()
+
+    def embed(self, x: torch.Tensor, features: str = "last") -> torch.Tensor:
+        feats = self.features(x)
+        return _pool_cat(feats[-1:] if features == "last" else feats)
+
+
+# ---------------------------------------------------------------- ResNet (SNGAN, 32 px)
+
+
+class GBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.c1, self.c2 = nn.Conv2d(c_in, c_out, 3, 1, 1), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.sc = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2)
+        h = self.c2(F.relu(self.bn2(self.c1(h))))
+        return h + self.sc(F.interpolate(x, scale_factor=2))
+
+
+class DBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, sn: bool, down: bool, first: bool):
+        super().__init__()
+        self.c1, self.c2 = _sn(nn.Conv2d(c_in, c_out, 3, 1, 1), sn), _sn(nn.Conv2d(c_out, c_out, 3, 1, 1), sn)
+        self.sc = _sn(nn.Conv2d(c_in, c_out, 1), sn) if (c_in != c_out or down) else None
+        self.down, self.first = down, first
+
+    def forward(self, x):
+        h = x if self.first else F.relu(x)  # the first block sees the image, no pre-activation
+        h = self.c2(F.relu(self.c1(h)))
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+        s = x
+        if self.sc is not None:
+            s = self.sc(s)
+            if self.down:
+                s = F.avg_pool2d(s, 2)
+        return h + s
+
+
+class ResNetGenerator(nn.Module):
+    """SNGAN CIFAR G: z -> (N, 2w, 4, 4) -> 3 up-blocks -> (N, C, 32, 32)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.width * 2
+        self.c = c
+        self.fc = nn.Linear(cfg.z_dim, 4 * 4 * c)
+        self.blocks = nn.Sequential(GBlock(c, c), GBlock(c, c), GBlock(c, c))
+        self.out = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, cfg.channels, 3, 1, 1), nn.Tanh())
+        self.z_dim = cfg.z_dim
+
+    def forward(self, z):
+        return self.out(self.blocks(self.fc(z).view(-1, self.c, 4, 4)))
+
+
+class ResNetDiscriminator(nn.Module):
+    """SNGAN CIFAR D: 32 -> 16 -> 8 -> 8 -> 8, ReLU, global sum pool, linear."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, sn = cfg.width * 2, cfg.spectral_norm
+        self.blocks = nn.ModuleList(
+            [DBlock(cfg.channels, c, sn, True, True), DBlock(c, c, sn, True, False),
+             DBlock(c, c, sn, False, False), DBlock(c, c, sn, False, False)]
+        )
+        self.fc = _sn(nn.Linear(c, 1), sn)
+        self.feature_dims = {"last": c, "multi": 4 * c}
+
+    def features(self, x):
+        feats = []
+        for block in self.blocks:
+            x = block(x)
+            feats.append(x)
+        feats[-1] = F.relu(feats[-1])
+        return feats
+
+    def forward(self, x):
+        h = self.features(x)[-1]  # (N, 2w, 8, 8)
+        return self.fc(h.sum(dim=(2, 3))).flatten()
+
+    def embed(self, x, features: str = "last"):
+        feats = self.features(x)
+        return _pool_cat(feats[-1:] if features == "last" else feats)
+
+
+GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
+DISCRIMINATORS = {"dcgan": DCGANDiscriminator, "resnet": ResNetDiscriminator}
+
+
+def _lookup(registry: dict, name: str, what: str):
+    if name not in registry:
+        raise UserError(f"unknown {what} '{name}'; valid: {', '.join(registry)}")
+    return registry[name]
+
+
+def _init_weights(m: nn.Module) -> None:
+    # DCGAN's N(0, 0.02) init; BatchNorm gamma ~ N(1, 0.02).
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        weight = getattr(m, "weight_orig", m.weight)
+        nn.init.normal_(weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def build_generator(cfg: ModelConfig) -> nn.Module:
+    g = _lookup(GENERATORS, cfg.arch, "architecture")(cfg)
+    if cfg.arch == "dcgan":
+        g.apply(_init_weights)
+    return g
+
+
+def build_discriminator(cfg: ModelConfig) -> nn.Module:
+    d = _lookup(DISCRIMINATORS, cfg.arch, "architecture")(cfg)
+    if cfg.arch == "dcgan":
+        d.apply(_init_weights)
+    return d
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)

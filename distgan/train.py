@@ -1,0 +1,386 @@
+"""Data-parallel GAN training on Ray Train.
+
+Ray touches the loop in five numbered places: [1] dataset shard, [2] restore,
+[3] prepare_model, [4] report (+ checkpoint), [5] the trainer on the driver.
+The global batch is `data.batch_size * train.num_workers` real images per D step.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as C
+from .config import Config, UserError
+from .data import decode_images, open_dataset, read_manifest, save_grid, to_float, to_uint8
+from .models import build_discriminator, build_generator, unwrap
+from .steps import Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
+
+STATE_FILE = "state.pt"
+FAULT_ENV = "DISTGAN_FAULT"  # "crash@N" (rank 1, or 0 alone, raises once at step N) | "nan@N"
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def build_nets(cfg: Config, device) -> Nets:
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+    G = build_generator(cfg.model).to(device)
+    D = build_discriminator(cfg.model).to(device)
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    return Nets(G, D, G_ema, opt_g, opt_d)
+
+
+def state_dict(nets: Nets, cfg: Config, step: int, epoch: int) -> dict:
+    """Plain tensors, numbers and strings only: loadable with weights_only=True."""
+    return {
+        "format": "distgan-checkpoint-v1",
+        "G": unwrap(nets.G).state_dict(),
+        "D": unwrap(nets.D).state_dict(),
+        "G_ema": nets.G_ema.state_dict(),
+        "opt_g": nets.opt_g.state_dict(),
+        "opt_d": nets.opt_d.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "config": C.to_dict(cfg),
+    }
+
+
+def load_state(path: str | Path) -> dict:
+    """Read a checkpoint (a directory holding state.pt, or the file) without unpickling objects."""
+    p = Path(path)
+    f = p / STATE_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"{path} is not a distgan checkpoint: no {STATE_FILE} (use a checkpoint_* folder of a run)")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or one holding pickled objects
+        raise UserError(f"{f} cannot be loaded as a distgan checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != "distgan-checkpoint-v1":
+        raise UserError(f"{f} is not a distgan checkpoint (no distgan format tag)")
+    return state
+
+
+def restore(nets: Nets, state: dict, cfg: Config) -> None:
+    unwrap(nets.G).load_state_dict(state["G"])
+    unwrap(nets.D).load_state_dict(state["D"])
+    nets.G_ema.load_state_dict(state["G_ema"])
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_d.load_state_dict(state["opt_d"])
+    # Re-apply the config's learning rates and betas: under PBT the checkpoint may
+    # come from another trial whose hyperparameters have since been mutated.
+    o = cfg.optim
+    for opt, lr in ((nets.opt_g, o.lr_g), (nets.opt_d, o.lr_d)):
+        for group in opt.param_groups:
+            group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------- run directory (rank 0)
+
+
+class RunLog:
+    """metrics.jsonl, TensorBoard and sample grids in the run directory (rank 0 only)."""
+
+    def __init__(self, run_dir: Path | None, resume_step: int):
+        self.run_dir = run_dir
+        self.tb = None
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = run_dir / "metrics.jsonl"
+        if self.metrics.exists():  # drop lines an interrupted attempt wrote past the checkpoint
+            keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.metrics.write_text("".join(line + "\n" for line in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+            self.tb = None
+
+    def write(self, metrics: dict) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+
+
+def _run_dir(cfg_run_dir: str) -> Path | None:
+    # metrics/samples go next to Ray's run folder when storage is a local or shared
+    # filesystem path; for URIs (s3://) they travel inside each checkpoint instead.
+    return Path(cfg_run_dir) if cfg_run_dir and "://" not in cfg_run_dir else None
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _fault_at(step: int) -> str | None:
+    """The injected fault for this step, from DISTGAN_FAULT ("crash@N" or "nan@N")."""
+    kind, _, at = os.environ.get(FAULT_ENV, "").partition("@")
+    return kind if at and int(at) == step else None
+
+
+def _maybe_crash(rank: int, world: int, run_dir: Path | None) -> None:
+    marker = (run_dir or Path(tempfile.gettempdir())) / ".fault_injected"
+    if rank == min(1, world - 1) and not marker.exists():
+        marker.touch()  # once: the restarted attempt must get past this step
+        raise RuntimeError(f"injected fault: rank {rank} crashed")
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+
+    cfg = C.from_dict(loop_config["config"])
+    run_dir = _run_dir(loop_config.get("run_dir", ""))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
+    torch.set_num_threads(threads)
+    device = ray.train.torch.get_device()
+
+    nets = build_nets(cfg, device)
+    step, epoch = 0, 0
+    # [2] Restore: Ray hands back the latest checkpoint after a worker failure, or
+    # when the same run (storage + name) is started again.
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        restore(nets, state, cfg)
+        step, epoch = state["step"], state["epoch"]
+    torch.manual_seed(cfg.train.seed + 7919 * rank + step)  # ranks draw different z and augmentations
+    # [3] Wrap G and D each in its own DDP. D gets broadcast_buffers=False: with the
+    # default, DDP re-broadcasts BatchNorm buffers in place at every forward, and D's
+    # two forwards (real, then fake) before one backward fail with "modified by an
+    # inplace operation" (pytorch/pytorch#65907). BatchNorm trains on batch statistics,
+    # so per-rank running stats change nothing in training; rank 0's are checkpointed
+    # (and `distgan embed` re-estimates them on real images anyway).
+    nets.G = ray.train.torch.prepare_model(nets.G)
+    nets.D = ray.train.torch.prepare_model(nets.D, parallel_strategy_kwargs={"broadcast_buffers": False})
+    nets.G_ema.to(device)
+
+    log = RunLog(run_dir, step) if rank == 0 else RunLog(None, step)
+    fixed_z = sample_z(cfg.train.num_samples, cfg.model.z_dim, "cpu", torch.Generator().manual_seed(1234)).to(device)
+    # [1] This worker's shard of the dataset, streamed from Parquet by Ray Data.
+    shard = ray.train.get_dataset_shard("train")
+    m = cfg.model
+    bs = cfg.data.batch_size
+
+    def batches():
+        """Endless (bs, H, W, C) uint8 batches. The first epoch streams from Ray Data;
+        a shard that fits in data.worker_cache_mb is then kept and reshuffled locally,
+        because restarting a streaming split costs seconds per epoch on small sets."""
+        nonlocal epoch
+        cache, cached_bytes = [], 0
+        limit = cfg.data.worker_cache_mb * 2**20
+        rng = np.random.default_rng(cfg.train.seed + rank)
+        while True:
+            if cache and epoch > 0:
+                pool = cache[0] if len(cache) == 1 else np.concatenate(cache)
+                cache = [pool]
+                order = rng.permutation(len(pool))
+                for i in range(0, len(order) - bs + 1, bs):
+                    yield pool[order[i : i + bs]]
+                epoch += 1
+                continue
+            got = False
+            for batch in shard.iter_batches(batch_size=bs, drop_last=True, batch_format="numpy",
+                                            local_shuffle_buffer_size=4 * bs):
+                got = True
+                images = decode_images(batch["image"], m.resolution, m.channels)
+                if limit and cached_bytes + images.nbytes <= limit:
+                    cache.append(images)
+                    cached_bytes += images.nbytes
+                else:
+                    limit = 0  # too big: stream every epoch
+                    cache.clear()
+                yield images
+            if not got:
+                raise UserError(f"a worker's shard holds fewer than data.batch_size={bs} images; lower the batch size or use fewer workers")
+            epoch += 1
+
+    stream = batches()
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
+    acc: dict[str, list] = {}
+    diverged = None
+    while step < cfg.train.steps:
+        try:
+            for _ in range(cfg.optim.n_critic):
+                t = time.perf_counter()
+                images = next(stream)
+                window["wait"] += time.perf_counter() - t
+                real = to_float(images).to(device, non_blocking=True)  # (bs, C, H, W) in [-1, 1]
+                if _fault_at(step + 1) == "nan":
+                    real = real * float("nan")
+                out = d_step(nets, real, cfg)
+            out |= g_step(nets, bs, device, cfg)
+        except NonFiniteError as e:
+            # Every rank sees the same all-reduced gradient norm, so all stop here together.
+            diverged = f"{e} at step {step + 1}"
+            break
+        ema_update(nets.G_ema, nets.G, cfg.optim.ema_decay)
+        step += 1
+        window["steps"] += 1
+        for k, v in out.items():
+            acc.setdefault(k, []).append(v)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0:
+            elapsed = time.perf_counter() - window["t0"]
+            metrics = {"step": step, "epoch": epoch}
+            metrics |= {k: float(torch.stack(v).mean()) for k, v in acc.items()}
+            metrics["img_per_s"] = window["steps"] * cfg.optim.n_critic * bs * world / elapsed
+            metrics["data_wait_frac"] = window["wait"] / elapsed
+            acc.clear()
+            window.update(t0=time.perf_counter(), wait=0.0, steps=0)
+            ckpt_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log, ckpt_now)
+        if _fault_at(step) == "crash":
+            _maybe_crash(rank, world, run_dir)
+    log.close()
+    return {"diverged": diverged, "step": step, "workers": _replica_report(nets, rank)}
+
+
+def _replica_report(nets: Nets, rank: int) -> list[dict]:
+    """Every rank's node and a float64 fingerprint of its G and D parameters, gathered
+    on all ranks: DDP replicas that drifted apart show different fingerprints."""
+    import ray
+    import torch.distributed as dist
+
+    def fingerprint(module):
+        return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in module.parameters()))
+
+    me = {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
+          "G": fingerprint(unwrap(nets.G)), "D": fingerprint(unwrap(nets.D))}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [me]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    return everyone
+
+
+def _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log: RunLog, with_checkpoint: bool) -> None:
+    import ray.train
+
+    if rank == 0:
+        log.write(metrics)
+        print(
+            f"[distgan] step {step}/{cfg.train.steps} epoch {epoch} loss/d {metrics['loss/d']:.3f} "
+            f"loss/g {metrics['loss/g']:.3f} D(real) {metrics['d/real']:+.2f} D(fake) {metrics['d/fake']:+.2f} "
+            f"{metrics['img_per_s']:.0f} img/s",
+            flush=True,
+        )
+    if not with_checkpoint:
+        ray.train.report(metrics)  # [4] every worker reports the same number of times
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            if not (_all_finite(unwrap(nets.G)) and _all_finite(unwrap(nets.D))):
+                raise NonFiniteError(f"non-finite weights at step {step}; checkpoint not written")
+            torch.save(state_dict(nets, cfg, step, epoch), Path(tmp) / STATE_FILE)
+            with torch.no_grad():
+                samples = to_uint8(nets.G_ema(fixed_z))
+            grid = Path(tmp) / "samples.png"
+            save_grid(samples, grid)
+            if log.run_dir:
+                save_grid(samples, log.run_dir / "samples" / f"step_{step:07d}.png")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
+
+
+# ---------------------------------------------------------------- driver
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: str
+    checkpoint: str | None
+    step: int
+    metrics: dict
+    workers: list  # per rank: node id and parameter fingerprints (replicas must agree)
+
+
+def resolve_data(cfg: Config) -> Config:
+    """Fill model.resolution/channels from the prepared dataset's manifest."""
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data DIR (a folder from `distgan prepare`)")
+    manifest = read_manifest(cfg.data.path)
+    model = replace(cfg.model, resolution=manifest["resolution"], channels=manifest["channels"])
+    data = replace(cfg.data, path=str(Path(cfg.data.path).resolve()))
+    return C.validate(replace(cfg, model=model, data=data))
+
+
+def build_trainer(cfg: Config, storage: str, name: str, callbacks=None):
+    """[5] The TorchTrainer for one run; `fit()` it, or run it inside a Tune trial."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage = storage if "://" in storage else str(Path(storage).resolve())
+    dataset = open_dataset(cfg.data.path, cfg.data.split)
+    env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
+    run_dir = storage.rstrip("/") + "/" + name
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": C.to_dict(cfg), "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=callbacks,
+        ),
+        datasets={"train": dataset},
+    )
+
+
+def run_training(cfg: Config, storage: str = "runs", name: str = "distgan") -> TrainResult:
+    """Train (or resume: same storage and name) and return where things landed."""
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    cfg = resolve_data(cfg)
+    trainer = build_trainer(cfg, storage, name)
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:
+        raise RuntimeError(f"training failed: {e}") from e
+    ret = result.return_value or {}
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    if ret.get("diverged"):
+        raise TrainingDiverged(
+            f"training diverged: {ret['diverged']}; last good checkpoint: {ckpt or 'none'} "
+            "(lower the learning rates, try loss.name=hinge, or disable train.amp)"
+        )
+    return TrainResult(run_dir=str(result.path), checkpoint=ckpt, step=int(ret.get("step", 0)),
+                       metrics=dict(result.metrics or {}), workers=ret.get("workers", []))
