@@ -78,6 +78,102 @@ def cmd_train(args) -> None:
     print(f"final checkpoint: {res.checkpoint}")
 
 
+def cmd_embed(args) -> None:
+    from .data import init_ray
+    from .embed import embed_dataset
+
+    init_ray()
+    m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                      features=args.features, num_actors=args.actors, overwrite=args.overwrite)
+    print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}) -> {args.out}")
+
+
+def _cluster_features(args):
+    from .cluster import embedding_features, pixel_features
+
+    given = [x for x in (args.embeddings, args.pixels, args.checkpoint) if x]
+    if len(given) != 1:
+        raise UserError("give exactly one of --embeddings DIR, --pixels DIR, or --checkpoint CKPT with --data DIR")
+    if args.pixels:
+        return pixel_features(args.pixels)
+    if args.embeddings:
+        return embedding_features(args.embeddings)
+    if not args.data:
+        raise UserError("--checkpoint needs --data DIR: the prepared dataset to embed")
+    from .data import init_ray
+    from .embed import embed_dataset
+
+    init_ray()
+    emb = Path(args.out) / "embeddings"
+    embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
+                  features=args.features, overwrite=args.overwrite)
+    return embedding_features(emb)
+
+
+def cmd_cluster(args) -> None:
+    from .cluster import run_clustering
+
+    if args.smoke_test:
+        _smoke_inputs(args)
+    feats = _cluster_features(args)
+    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim, niter=args.niter,
+                       nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
+                       data=args.data or args.pixels, overwrite=args.overwrite or bool(args.checkpoint))
+    print_cluster_metrics(m)
+    print(f"outputs: {args.out}/assignments.parquet, centroids.npy, metrics.json"
+          + (", montage.png" if (Path(args.out) / "montage.png").exists() else ""))
+
+
+def print_cluster_metrics(m: dict) -> None:
+    print(f"k={m['k']} n={m['n']} inertia={m['inertia']:.4g} sizes min/max {min(m['sizes'])}/{max(m['sizes'])}"
+          f" ({m['empty_clusters']} empty)")
+    if "acc" in m:
+        print(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  purity {m['purity']:.4f}")
+    else:
+        print(f"no label metrics: {m['labels']}")
+
+
+def cmd_probe(args) -> None:
+    from .cluster import embedding_features, linear_probe, pixel_baselines, probe_table
+
+    feats = embedding_features(args.embeddings)
+    rows = [linear_probe(feats, max_train=args.max_train)]
+    if args.baselines:
+        data = args.data or feats.data
+        if not data:
+            raise UserError("--baselines needs the prepared dataset: pass --data DIR")
+        rows += pixel_baselines(data, max_train=args.max_train)
+    out = Path(args.out or Path(args.embeddings) / "probe")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(rows, indent=2))
+    table = probe_table(rows)
+    (out / "probe.md").write_text(table)
+    print(table, end="")
+    print(f"-> {out}/probe.json, probe.md")
+
+
+def _smoke_inputs(args) -> None:
+    """--smoke-test: a generated dataset and an untrained checkpoint, so a job runs end to end in seconds."""
+    import tempfile
+
+    import torch
+
+    from . import config as C
+    from .data import prepare
+    from .train import build_nets, resolve_data, state_dict
+
+    tmp = Path(tempfile.mkdtemp(prefix="distgan-smoke-"))
+    if not (args.data or args.pixels or args.embeddings):
+        prepare("fake", tmp / "data", fake_count=300, progress=False)
+        args.data = str(tmp / "data")
+    if not (args.checkpoint or args.pixels or args.embeddings):
+        cfg = resolve_data(C.load(None, {"data.path": args.data, "model.width": 8}))
+        ckpt = tmp / "checkpoint_0000000"
+        ckpt.mkdir()
+        torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), ckpt / "state.pt")
+        args.checkpoint = str(ckpt)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -119,7 +215,49 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train a GAN data-parallel on Ray Train")
     add_train_flags(s)
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("embed", help="discriminator embeddings of every image (Ray Data actor pool)")
+    s.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run folder (its latest checkpoint)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True)
+    add_embed_flags(s)
+    s.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, else 2)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_embed)
+
+    s = sub.add_parser("cluster", help="FAISS k-means over embeddings or raw pixels")
+    s.add_argument("--embeddings", help="output of `distgan embed`")
+    s.add_argument("--pixels", help="prepared dataset: cluster its raw pixels (the baseline)")
+    s.add_argument("--checkpoint", help="embed --data with this checkpoint first, then cluster")
+    s.add_argument("--data", help="prepared dataset: images for montage.png (and the input with --checkpoint)")
+    s.add_argument("--k", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--preprocess", default="pca-whiten", help="none | l2 | pca-whiten")
+    s.add_argument("--pca-dim", type=int, default=64)
+    s.add_argument("--niter", type=int, default=20)
+    s.add_argument("--nredo", type=int, default=1)
+    s.add_argument("--spherical", action="store_true")
+    s.add_argument("--sample", type=int, default=0, help="train k-means on N sampled points (0: all)")
+    s.add_argument("--seed", type=int, default=0)
+    add_embed_flags(s)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--smoke-test", action="store_true", help="generated data and an untrained D, in seconds")
+    s.set_defaults(fn=cmd_cluster)
+
+    s = sub.add_parser("probe", help="linear probe on embeddings (+ classic baselines on raw pixels)")
+    s.add_argument("--embeddings", required=True)
+    s.add_argument("--baselines", action="store_true", help="add linear SVM, random forest and k-NN on raw pixels")
+    s.add_argument("--data", help="prepared dataset for the baselines (default: the one embedded)")
+    s.add_argument("--out", help="where probe.json and probe.md go (default: EMBEDDINGS/probe)")
+    s.add_argument("--max-train", type=int, default=0, help="subsample the train split (0: all)")
+    s.set_defaults(fn=cmd_probe)
     return p
+
+
+def add_embed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--dtype", default="float16", help="float16 | float32")
+    p.add_argument("--features", default="last", help="last | multi (pooled features of every D block)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,12 +10,15 @@ Embedding sizes E (w = model.width):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from .config import ModelConfig, UserError
+
+STATE_FILE = "state.pt"  # the one file of a checkpoint directory
 
 
 def _sn(module: nn.Module, on: bool) -> nn.Module:
@@ -210,3 +213,44 @@ def build_discriminator(cfg: ModelConfig) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (or the model itself)."""
     return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, its state.pt, or a run folder (its latest checkpoint_*)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint not found: {p}")
+    if p.is_dir() and not (p / STATE_FILE).exists():
+        ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / STATE_FILE).is_file())
+        if ckpts:
+            return ckpts[-1]
+    return p
+
+
+def load_state(path: str | Path) -> dict:
+    """Read a checkpoint (a directory holding state.pt, the file, or a run folder)
+    with torch.load(weights_only=True): tensors and plain data only, never objects."""
+    p = find_checkpoint(path)
+    f = p / STATE_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"{path} is not a distgan checkpoint: no {STATE_FILE} (use a checkpoint_* folder of a run)")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or one holding pickled objects
+        raise UserError(f"{f} cannot be loaded as a distgan checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or state.get("format") != "distgan-checkpoint-v1":
+        raise UserError(f"{f} is not a distgan checkpoint (no distgan format tag)")
+    return state
+
+
+def discriminator_from_checkpoint(state: dict) -> tuple[nn.Module, ModelConfig]:
+    """Rebuild D from a checkpoint's own config (the dict saved beside the weights)."""
+    from . import config as C
+
+    cfg = C.from_dict(state["config"]).model
+    d = build_discriminator(cfg)
+    d.load_state_dict(state["D"])
+    return d, cfg

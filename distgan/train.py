@@ -20,10 +20,9 @@ import torch
 from . import config as C
 from .config import Config, UserError
 from .data import decode_images, open_dataset, read_manifest, save_grid, to_float, to_uint8
-from .models import build_discriminator, build_generator, unwrap
+from .models import STATE_FILE, build_discriminator, build_generator, load_state, unwrap
 from .steps import Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
 
-STATE_FILE = "state.pt"
 FAULT_ENV = "DISTGAN_FAULT"  # "crash@N" (rank 1, or 0 alone, raises once at step N) | "nan@N"
 
 
@@ -58,21 +57,6 @@ def state_dict(nets: Nets, cfg: Config, step: int, epoch: int) -> dict:
         "epoch": epoch,
         "config": C.to_dict(cfg),
     }
-
-
-def load_state(path: str | Path) -> dict:
-    """Read a checkpoint (a directory holding state.pt, or the file) without unpickling objects."""
-    p = Path(path)
-    f = p / STATE_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise UserError(f"{path} is not a distgan checkpoint: no {STATE_FILE} (use a checkpoint_* folder of a run)")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or one holding pickled objects
-        raise UserError(f"{f} cannot be loaded as a distgan checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or state.get("format") != "distgan-checkpoint-v1":
-        raise UserError(f"{f} is not a distgan checkpoint (no distgan format tag)")
-    return state
 
 
 def restore(nets: Nets, state: dict, cfg: Config) -> None:

@@ -33,7 +33,7 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_running(ray_local):
     """Re-starts the shared local Ray if a test (the multi-node one) shut it down."""
     import ray
@@ -59,3 +59,18 @@ def fake_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "fake"
     prepare("fake", out, fake_count=400, shard_rows=100, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory, fake_dir) -> Path:
+    """A distgan checkpoint of an untrained BatchNorm DCGAN for the fake dataset."""
+    import torch
+
+    from distgan import config as C
+    from distgan.train import build_nets, resolve_data, state_dict
+
+    cfg = resolve_data(C.load(None, {"data.path": str(fake_dir), "model.width": 8}))
+    ckpt = tmp_path_factory.mktemp("ckpt") / "checkpoint_0000000"
+    ckpt.mkdir()
+    torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), ckpt / "state.pt")
+    return ckpt

@@ -1,0 +1,243 @@
+"""Discriminator embeddings of every image of a prepared dataset, with Ray Data.
+
+Input shards -> Ray Data `map_batches` over an actor pool holding D (one GPU per
+actor when GPUs exist) -> the driver streams result batches into one output
+shard per input shard (`emb-<input>.parquet`), each written under a temporary
+name and renamed when all its rows are in. A rerun of the same command skips
+shards already present, so after a crash only the missing output is redone.
+`embeddings.json` is written last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import UserError
+from .data import COLUMNS, decode_images, read_manifest, shard_paths, to_float
+from .models import discriminator_from_checkpoint, load_state
+
+MANIFEST = "embeddings.json"
+SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
+
+
+def recalibrate_batchnorm(D, images_u8: np.ndarray, batch_size: int = 256):
+    """Re-estimate BatchNorm running statistics on real images, then eval mode.
+
+    During training D's running stats average real and fake batches; embedding
+    real images with them shifts every feature. A cumulative average (momentum
+    None) over real batches gives the statistics of the data being embedded."""
+    import torch
+
+    bns = [m for m in D.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        D.train()
+        with torch.no_grad():
+            for i in range(0, len(images_u8), batch_size):
+                D(to_float(images_u8[i : i + batch_size]))
+    return D.eval()
+
+
+def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndarray:
+    """Up to n images spread over every shard, without Ray: (n, H, W, C) uint8."""
+    import pyarrow.parquet as pq
+
+    shards = shard_paths(data)
+    per = max(1, n // len(shards))
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in shards:
+        t = pq.read_table(f, columns=["image"])
+        take = rng.choice(len(t), size=min(per, len(t)), replace=False)
+        out.append(decode_images(t["image"].take(take).to_pylist(), manifest["resolution"], manifest["channels"]))
+    return np.concatenate(out)[:n]
+
+
+class Embedder:
+    """Ray Data actor: holds D (recalibrated, eval mode) and embeds batches."""
+
+    def __init__(self, state_d: dict, config: dict, features: str, dtype: str, threads: int):
+        import torch
+
+        from . import config as C
+        from .models import build_discriminator
+
+        torch.set_num_threads(threads)
+        self.cfg = C.from_dict(config).model
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.D = build_discriminator(self.cfg)
+        self.D.load_state_dict(state_d)
+        self.D.to(self.device).eval()
+        self.features, self.dtype = features, np.dtype(dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        return {
+            "id": np.asarray(batch["id"], np.int64),
+            "label": _labels(batch["label"]),
+            "split": np.asarray(batch["split"]),
+            "path": np.asarray(batch["path"]),
+            "embedding": embed_images(self.D, decode_images(batch["image"], self.cfg.resolution, self.cfg.channels),
+                                      self.features, self.device).astype(self.dtype),
+        }
+
+
+def _labels(col) -> np.ndarray:
+    lab = np.asarray(col)
+    if lab.dtype.kind == "f":  # Ray turns null int32 into NaN
+        lab = np.where(np.isnan(lab), -1, lab)
+    return lab.astype(np.int32)
+
+
+def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_size: int = 512) -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, E) float32 with an eval-mode D; the in-process path."""
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch_size):
+            x = to_float(images_u8[i : i + batch_size]).to(device)
+            outs.append(D.embed(x, features).float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, D.feature_dims[features]), np.float32)
+
+
+def load_embedder(checkpoint: str | Path, data: str | Path, calibrate: int = 2048):
+    """D from a checkpoint, BatchNorm stats re-estimated on real images of `data`."""
+    state = load_state(checkpoint)
+    D, mcfg = discriminator_from_checkpoint(state)
+    manifest = read_manifest(data)
+    if (manifest["resolution"], manifest["channels"]) != (mcfg.resolution, mcfg.channels):
+        raise UserError(
+            f"dataset {data} is {manifest['resolution']}px x {manifest['channels']}ch but the checkpoint's D expects "
+            f"{mcfg.resolution}px x {mcfg.channels}ch; prepare the data at the training resolution"
+        )
+    recalibrate_batchnorm(D, _sample_images(Path(data), manifest, calibrate))
+    return D, state
+
+
+def _table(ids, labels, splits, emb: np.ndarray):
+    import pyarrow as pa
+
+    n, e = emb.shape
+    flat = pa.array(emb.reshape(-1), pa.float16() if emb.dtype == np.float16 else pa.float32())
+    return pa.table({
+        "id": pa.array(ids, pa.int64()),
+        "label": pa.array(labels, pa.int32(), mask=np.asarray(labels) < 0),
+        "split": pa.array(splits, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(flat, e),
+    })
+
+
+def embed_dataset(
+    checkpoint: str | Path,
+    data: str | Path,
+    out: str | Path,
+    batch_size: int = 256,
+    dtype: str = "float16",
+    features: str = "last",
+    num_actors: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Embed every image of `data` into `out`; returns the embeddings manifest."""
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    if dtype not in ("float16", "float32"):
+        raise UserError(f"--dtype must be float16 or float32, got '{dtype}'")
+    if features not in ("last", "multi"):
+        raise UserError(f"--features must be last or multi, got '{features}'")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    data, out = Path(data).resolve(), Path(out)
+    inputs = shard_paths(data)
+    D, state = load_embedder(checkpoint, data)
+    spec = {"checkpoint": str(Path(checkpoint).resolve()), "step": state["step"], "data": str(data),
+            "features": features, "dtype": dtype}
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / SPEC).exists():
+        old = json.loads((out / SPEC).read_text())
+        if old != spec:
+            raise UserError(f"{out} holds embeddings made with other settings ({old['checkpoint']}, {old['features']}, "
+                            f"{old['dtype']}); pass --overwrite or choose another --out")
+    elif any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
+    (out / SPEC).write_text(json.dumps(spec, indent=2))
+    for stale in out.glob(".*.tmp"):  # an interrupted run's unfinished shards
+        stale.unlink()
+
+    expected = {str(f): pq.ParquetFile(f).metadata.num_rows for f in inputs}
+    target = {str(f): out / f"emb-{f.stem}.parquet" for f in inputs}
+    todo = [f for f in inputs if not target[str(f)].exists()]
+    done_before = len(inputs) - len(todo)
+
+    if todo:
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        n_actors = num_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        threads = max(1, (os.cpu_count() or 1) // n_actors)
+        print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "
+              f"({done_before} already done) with {n_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
+        ds = ray.data.read_parquet([str(f) for f in todo], include_paths=True).select_columns([*COLUMNS, "path"])
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
+                                   "dtype": dtype, "threads": threads},
+            batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
+            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else min(1, cpus / (n_actors + 1)),
+        )
+        writers: dict[str, tuple] = {}  # input path -> (ParquetWriter, tmp path, rows written)
+        bar = tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress)
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                paths = batch["path"]
+                for p in np.unique(paths):
+                    sel = paths == p
+                    src = _match_input(str(p), expected)
+                    table = _table(batch["id"][sel], batch["label"][sel], batch["split"][sel], batch["embedding"][sel])
+                    if src not in writers:
+                        tmp = out / f".{target[src].name}.tmp"
+                        writers[src] = (pq.ParquetWriter(tmp, table.schema), tmp, 0)
+                    w, tmp, n = writers[src]
+                    w.write_table(table)
+                    writers[src] = (w, tmp, n + table.num_rows)
+                    if n + table.num_rows == expected[src]:  # shard complete: publish it
+                        w.close()
+                        tmp.rename(target[src])
+                bar.update(len(paths))
+        finally:
+            bar.close()
+            for w, tmp, n in writers.values():
+                if tmp.exists():  # incomplete: never left looking whole
+                    w.close()
+                    tmp.unlink()
+        missing = [target[str(f)].name for f in todo if not target[str(f)].exists()]
+        if missing:
+            raise RuntimeError(f"embedding finished but shards are incomplete: {missing}")
+
+    dim = D.feature_dims[features]
+    manifest = {**spec, "count": sum(expected.values()), "dim": dim, "arch": state["config"]["model"]["arch"],
+                "shards": sorted(p.name for p in target.values()), "reused_shards": done_before,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _match_input(path: str, expected: dict) -> str:
+    # Ray reports paths without the leading "/" on some filesystems; match by suffix.
+    if path in expected:
+        return path
+    for p in expected:
+        if p.endswith(path) or path.endswith(p.lstrip("/")):
+            return p
+    raise RuntimeError(f"embedding row from unknown shard {path}")

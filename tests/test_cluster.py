@@ -1,0 +1,204 @@
+"""k-means, metrics, streamed assignment, embedding with Ray Data, probe, bad inputs."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distgan import cluster as K
+from distgan.cli import main
+from distgan.config import UserError
+
+
+def _blobs(n_per=200, k=5, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 10, (k, d))
+    x = np.concatenate([c + rng.normal(0, 0.5, (n_per, d)) for c in centers]).astype(np.float32)
+    y = np.repeat(np.arange(k), n_per)
+    return x, y
+
+
+def _features(x, y, splits=None, batch=97):
+    ids = np.arange(len(x))
+    splits = np.asarray(splits if splits is not None else ["train"] * len(x))
+
+    def batches():
+        for i in range(0, len(x), batch):
+            yield ids[i : i + batch], y[i : i + batch], splits[i : i + batch], x[i : i + batch]
+
+    return K.Features(batches, len(x), x.shape[1], "test features", None)
+
+
+def test_faiss_recovers_separated_blobs():
+    x, y = _blobs()
+    km = K.kmeans(x, 5, niter=20, nredo=3)
+    c, _ = K.assign(km, x)
+    assert K.cluster_acc(y, c) == 1.0
+
+
+def test_metrics_agree_with_sklearn_and_hand_examples():
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    y = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    perm = np.array([2, 0, 1])[y]  # same partition, other cluster ids
+    assert K.cluster_acc(y, perm) == 1.0 and K.purity(y, perm) == 1.0
+    c = np.array([1, 1, 0, 0, 0, 0, 2, 2, 2, 1])  # hand-worked: best matching 1->0, 0->1, 2->2 = 2+3+3 = 8/10
+    assert K.cluster_acc(y, c) == pytest.approx(0.8)
+    m = K.clustering_metrics(y, c)
+    assert m["nmi"] == pytest.approx(normalized_mutual_info_score(y, c))
+    assert m["ari"] == pytest.approx(adjusted_rand_score(y, c))
+    rng = np.random.default_rng(0)
+    y2, c2 = rng.integers(0, 7, 500), rng.integers(0, 9, 500)
+    m2 = K.clustering_metrics(y2, c2)
+    assert m2["nmi"] == pytest.approx(normalized_mutual_info_score(y2, c2))
+    assert m2["ari"] == pytest.approx(adjusted_rand_score(y2, c2))
+    assert "labels" in K.clustering_metrics(np.full(5, -1), np.arange(5))  # no labels: left out, said so
+
+
+def test_streamed_assignment_equals_in_memory(tmp_path):
+    x, y = _blobs(n_per=150, k=6, d=24, seed=1)
+    m = K.run_clustering(_features(x, y), tmp_path / "c", k=6, preprocess="pca-whiten", pca_dim=8, seed=3, progress=False)
+    streamed = pq.read_table(tmp_path / "c" / "assignments.parquet").to_pandas()
+    # the same fit, everything in memory at once
+    pre = K.fit_preprocess(x, "pca-whiten", 8, seed=3)
+    km = K.kmeans(pre(x), 6, seed=3)
+    c, d = K.assign(km, pre(x))
+    assert streamed["id"].tolist() == list(range(len(x)))
+    assert (streamed["cluster"].to_numpy() == c).all()
+    assert np.allclose(streamed["distance"].to_numpy(), d, atol=1e-5)
+    assert m["inertia"] == pytest.approx(float(d.sum()), rel=1e-5)
+    assert np.allclose(np.load(tmp_path / "c" / "centroids.npy"), km.centroids)
+    assert m["acc"] == 1.0 and sum(m["sizes"]) == len(x)
+
+
+def test_k_out_of_range_and_nan(tmp_path):
+    x, y = _blobs(n_per=3, k=2)
+    with pytest.raises(UserError, match="between 2 and the number of points"):
+        K.run_clustering(_features(x, y), tmp_path / "a", k=7, progress=False)
+    with pytest.raises(UserError, match="between 2"):
+        K.run_clustering(_features(x, y), tmp_path / "b", k=1, progress=False)
+    x[1, 2] = np.nan
+    x[4, :2] = np.inf
+    with pytest.raises(UserError, match="3 non-finite values .* in 2 rows"):
+        K.run_clustering(_features(x, y), tmp_path / "c", k=2, progress=False)
+
+
+def test_no_labels_leaves_label_metrics_out(tmp_path, capsys):
+    x, _ = _blobs(n_per=20, k=3)
+    m = K.run_clustering(_features(x, np.full(len(x), -1)), tmp_path / "c", k=3, preprocess="l2", progress=False)
+    assert "acc" not in m and "need labels" in m["labels"]
+    from distgan.cli import print_cluster_metrics
+
+    print_cluster_metrics(m)
+    assert "no label metrics" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- embedding (Ray Data)
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_running, untrained_checkpoint, fake_dir, tmp_path_factory):
+    from distgan.embed import embed_dataset
+
+    out = tmp_path_factory.mktemp("emb") / "e"
+    m = embed_dataset(untrained_checkpoint, fake_dir, out, batch_size=64, dtype="float32", features="multi",
+                      num_actors=2, progress=False)
+    return out, m
+
+
+def test_embedding_with_two_actors_equals_single_process(embedded, untrained_checkpoint, fake_dir):
+    from distgan.data import decode_images, read_arrays
+    from distgan.embed import embed_images, load_embedder
+
+    out, m = embedded
+    t = pq.read_table(sorted(out.glob("*.parquet"))).sort_by("id")  # pyarrow reads a list of files
+    assert t.schema.field("embedding").type == pa.list_(pa.float32(), m["dim"])
+    a = read_arrays(fake_dir)
+    order = np.argsort(a["id"])
+    D, _ = load_embedder(untrained_checkpoint, fake_dir)
+    ref = embed_images(D, decode_images(a["image"][order], 32, 1), "multi")
+    assert t["id"].to_pylist() == a["id"][order].tolist()
+    got = np.stack(t["embedding"].to_numpy(zero_copy_only=False))
+    assert got.shape == ref.shape == (400, m["dim"])
+    assert np.allclose(got, ref, atol=1e-4)
+    assert t["label"].to_pylist() == a["label"][order].tolist()
+
+
+def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, fake_dir):
+    from distgan.embed import embed_dataset
+
+    out, _ = embedded
+    shards = sorted(out.glob("emb-*.parquet"))
+    assert len(shards) == 4  # one per input shard
+    before = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[2].unlink()
+    m = embed_dataset(untrained_checkpoint, fake_dir, out, batch_size=64, dtype="float32", features="multi",
+                      num_actors=2, progress=False)
+    assert m["reused_shards"] == 3
+    after = {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("emb-*.parquet"))}
+    assert set(after) == set(before)
+    assert [n for n in after if after[n] != before[n]] == [shards[2].name]
+    assert not list(out.glob(".*.tmp"))
+    with pytest.raises(UserError, match="other settings"):  # a different spec never mixes into this folder
+        embed_dataset(untrained_checkpoint, fake_dir, out, dtype="float16", features="multi", progress=False)
+
+
+def test_cluster_and_probe_cli_on_embeddings(embedded, fake_dir, tmp_path, capsys):
+    out, _ = embedded
+    assert main(["cluster", "--embeddings", str(out), "--k", "10", "--out", str(tmp_path / "c"), "--data", str(fake_dir)]) == 0
+    for f in ("assignments.parquet", "centroids.npy", "metrics.json", "montage.png"):
+        assert (tmp_path / "c" / f).is_file()
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    assert {"k", "n", "inertia", "sizes", "acc", "nmi", "ari", "purity"} <= set(metrics) and metrics["n"] == 400
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "c" / "assignments.parquet")
+    assert list(df.columns) == ["id", "cluster", "distance", "label"] and len(df) == 400
+    assert main(["probe", "--embeddings", str(out), "--baselines", "--out", str(tmp_path / "p")]) == 0
+    rows = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert [r["method"] for r in rows] == ["logistic regression", "logistic regression", "linear SVM", "random forest", "k-NN (k=5)"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows) and rows[0]["test"] == 80
+    assert "| accuracy |" in (tmp_path / "p" / "probe.md").read_text()
+
+
+def test_ids_that_do_not_match_the_dataset(embedded, tmp_path, capsys):
+    from distgan.data import prepare
+
+    other = tmp_path / "other"
+    prepare("fake", other, fake_count=50, progress=False)  # ids 0..49 only
+    out, _ = embedded
+    code = main(["cluster", "--embeddings", str(out), "--k", "10", "--out", str(tmp_path / "c"), "--data", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and "do not match" in err and "not in the dataset" in err
+
+
+def test_embed_rejects_a_non_distgan_checkpoint(tmp_path, fake_dir, capsys):
+    import torch
+
+    (tmp_path / "ck").mkdir()
+    torch.save({"model": torch.zeros(3)}, tmp_path / "ck" / "state.pt")
+    code = main(["embed", "--checkpoint", str(tmp_path / "ck"), "--data", str(fake_dir), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not a distgan checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_cluster_cli_bad_k(capsys, fake_dir, tmp_path):
+    code = main(["cluster", "--pixels", str(fake_dir), "--k", "1000", "--out", str(tmp_path / "c")])
+    assert code == 2 and "between 2 and the number of points (400)" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.realdata
+def test_raw_pixel_kmeans_on_mnist_test_set(tmp_path, datasets_root):
+    from distgan.data import prepare
+
+    prepare("mnist", tmp_path / "mnist", data_root=datasets_root, split="test", progress=False)
+    m = K.run_clustering(K.pixel_features(tmp_path / "mnist"), tmp_path / "c", k=10, preprocess="none",
+                         niter=50, seed=0, progress=False)
+    assert m["n"] == 10000
+    assert 0.45 <= m["nmi"] <= 0.56, m  # where raw pixels are known to land (about 0.51)
