@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/distgan pipeline --dataset digits --out demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest -q tests
+
+# The report test renders report.html in headless Chromium (Debian's package).
+# Installed when missing and we are root with apt; otherwise that test skips, saying why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
+	  echo "chromium not installed: the report rendering test will be skipped"
 
 clean:
 	rm -rf $(VENV) demo runs

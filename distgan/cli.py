@@ -71,6 +71,9 @@ def cmd_train(args) -> None:
     from .data import init_ray
     from .train import run_training
 
+    if args.smoke_test:
+        _smoke_inputs(args, checkpoint=False)
+        args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
     cfg = _load_config(args)
     init_ray()
     res = run_training(cfg, storage=args.storage, name=args.name)
@@ -152,7 +155,103 @@ def cmd_probe(args) -> None:
     print(f"-> {out}/probe.json, probe.md")
 
 
-def _smoke_inputs(args) -> None:
+# Demo-sized defaults per source: what differs from the Python defaults, like a YAML diff.
+PIPELINE_DEFAULTS = {
+    "digits": {"model.width": 32, "train.steps": 1500, "train.log_every": 100, "train.checkpoint_every": 500,
+               "data.split": "all", "cluster.features": "multi", "cluster.pca_dim": 32},
+}
+SMOKE = {"model.width": 8, "train.steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
+         "data.batch_size": 32, "cluster.pca_dim": 16}
+
+
+def cmd_pipeline(args) -> None:
+    """prepare -> train -> embed -> cluster (embeddings and raw pixels) -> probe -> report."""
+    from .cluster import embedding_features, linear_probe, pixel_baselines, pixel_features, probe_table, run_clustering
+    from .data import init_ray, prepare, read_manifest
+    from .embed import embed_dataset
+    from .report import write_report
+    from .train import run_training
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or (out / "pipeline.json").exists()):
+        raise UserError(f"output directory {out} is not empty and not a pipeline folder; pass --overwrite")
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    overrides = dict(PIPELINE_DEFAULTS.get(args.dataset, {}))
+    if args.smoke_test:
+        overrides |= SMOKE
+    overrides |= C.parse_overrides(args.set or [])
+    overrides["data.path"] = str(out / "data")
+    if args.steps:
+        overrides["train.steps"] = args.steps
+    if args.workers:
+        overrides["train.num_workers"] = args.workers
+    cfg = C.load(args.config, overrides)
+    data = out / "data"
+    if not (data / "dataset.json").is_file():
+        print(f"[1/6] prepare {args.dataset}")
+        prepare(args.dataset, data, data_root=args.data_root, fake_count=600 if args.smoke_test else 1000)
+    else:
+        print(f"[1/6] prepare: reusing {data}")
+    manifest = read_manifest(data)
+    k = args.k or max(2, len(manifest["class_names"]) or 10)
+    init_ray()
+    print(f"[2/6] train {cfg.model.arch}/{cfg.loss.name}, {cfg.train.steps} steps, {cfg.train.num_workers} worker(s)")
+    trained = run_training(cfg, storage=str(out / "runs"), name="gan")
+    print(f"[3/6] embed every image with D (features={cfg.cluster.features})")
+    emb = out / "embeddings"
+    import shutil
+
+    if (emb / ".embed-spec.json").exists() and json.loads((emb / ".embed-spec.json").read_text())["checkpoint"] != str(Path(trained.checkpoint).resolve()):
+        shutil.rmtree(emb)  # training went further since: these embeddings are stale
+    embed_dataset(trained.checkpoint, data, emb, features=cfg.cluster.features, progress=not args.smoke_test)
+    print(f"[4/6] faiss k-means, k={k}: D embeddings, then raw pixels (the baseline)")
+    cl = cfg.cluster
+    kw = dict(k=k, preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,
+              spherical=cl.spherical, sample=cl.sample, seed=cl.seed, overwrite=True, data=data, progress=False)
+    m_emb = run_clustering(embedding_features(emb), out / "clusters" / "embeddings", **kw)
+    m_pix = run_clustering(pixel_features(data), out / "clusters" / "pixels", **{**kw, "preprocess": "none"})
+    print("[5/6] linear probe on the embeddings, classic baselines on raw pixels")
+    rows = []
+    if len(manifest["class_names"]) and set(manifest["split_counts"]) >= {"train", "test"}:
+        rows = [linear_probe(embedding_features(emb))] + pixel_baselines(data)
+        (out / "probe").mkdir(exist_ok=True)
+        (out / "probe" / "probe.json").write_text(json.dumps(rows, indent=2))
+        (out / "probe" / "probe.md").write_text(probe_table(rows))
+    headline = {}
+    for name, m in (("embeddings", m_emb), ("pixels", m_pix)):
+        for key in ("acc", "nmi", "ari"):
+            if key in m:
+                headline[f"{key} ({name})"] = round(m[key], 4)
+    if rows:
+        headline["probe acc (embeddings)"] = round(rows[0]["accuracy"], 4)
+        headline["logistic regression acc (pixels)"] = round(rows[1]["accuracy"], 4)
+    (out / "pipeline.json").write_text(json.dumps({
+        "dataset": args.dataset, "config": C.to_dict(cfg), "checkpoint": trained.checkpoint,
+        "run_dir": trained.run_dir, "k": k, "headline": headline}, indent=2))
+    print("[6/6] report")
+    report = write_report(out)
+    print()
+    print(f"{'':<22}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
+    for name, m in (("D embeddings", m_emb), ("raw pixels", m_pix)):
+        if "acc" in m:
+            print(f"{name:<22}{m['acc']:>8.4f}{m['nmi']:>8.4f}{m['ari']:>8.4f}")
+    if rows:
+        print(f"linear probe accuracy: D embeddings {rows[0]['accuracy']:.4f}, raw pixels {rows[1]['accuracy']:.4f}"
+              f" (best classic baseline: {max(rows[1:], key=lambda r: r['accuracy'])['method']} "
+              f"{max(r['accuracy'] for r in rows[1:]):.4f})")
+    print(f"report: {report}")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(args.dir)}")
+
+
+def _smoke_inputs(args, checkpoint: bool = True) -> None:
     """--smoke-test: a generated dataset and an untrained checkpoint, so a job runs end to end in seconds."""
     import tempfile
 
@@ -163,10 +262,10 @@ def _smoke_inputs(args) -> None:
     from .train import build_nets, resolve_data, state_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="distgan-smoke-"))
-    if not (args.data or args.pixels or args.embeddings):
+    if not (args.data or getattr(args, "pixels", None) or getattr(args, "embeddings", None)):
         prepare("fake", tmp / "data", fake_count=300, progress=False)
         args.data = str(tmp / "data")
-    if not (args.checkpoint or args.pixels or args.embeddings):
+    if checkpoint and not (args.checkpoint or args.pixels or args.embeddings):
         cfg = resolve_data(C.load(None, {"data.path": args.data, "model.width": 8}))
         ckpt = tmp / "checkpoint_0000000"
         ckpt.mkdir()
@@ -186,6 +285,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default="runs", help="Ray storage path (local folder or s3://...)")
     p.add_argument("--name", default="distgan", help="run name; the same storage + name resumes")
     p.add_argument("--steps", type=int, help="G steps (train.steps)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny model, a few steps, generated data unless --data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--smoke-test", action="store_true", help="generated data and an untrained D, in seconds")
     s.set_defaults(fn=cmd_cluster)
+
+    s = sub.add_parser("pipeline", help="prepare -> train -> embed -> cluster -> probe -> report")
+    s.add_argument("--dataset", default="digits", help=f"source: {', '.join(SOURCES)}")
+    s.add_argument("--data-root", help="where mnist / fashion-mnist / cifar10 / folder images live")
+    s.add_argument("--out", required=True)
+    s.add_argument("--config", help="YAML overrides of the defaults")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--workers", type=int)
+    s.add_argument("--k", type=int, help="clusters (default: number of classes)")
+    s.add_argument("--overwrite", action="store_true", help="start from scratch (otherwise a rerun resumes)")
+    s.add_argument("--smoke-test", action="store_true", help="tiny model, a few steps: checks the whole path")
+    s.set_defaults(fn=cmd_pipeline)
+
+    s = sub.add_parser("report", help="write report.html for a pipeline folder")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("probe", help="linear probe on embeddings (+ classic baselines on raw pixels)")
     s.add_argument("--embeddings", required=True)

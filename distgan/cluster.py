@@ -82,6 +82,16 @@ def pixel_features(data: str | Path, batch_rows: int = 8192) -> Features:
     return Features(batches, m["count"], res * res * ch, f"raw pixels ({res}x{res}x{ch})", str(Path(data).resolve()))
 
 
+def array_features(ids, labels, splits, x: np.ndarray, description: str, batch_rows: int = 65536) -> Features:
+    """In-memory arrays as a feature stream (notebooks, benchmarks, tests)."""
+    def batches():
+        for i in range(0, len(x), batch_rows):
+            s = slice(i, i + batch_rows)
+            yield ids[s], labels[s], splits[s], x[s]
+
+    return Features(batches, len(x), x.shape[1], description, None)
+
+
 def collect(features: Features, limit: int | None = None, seed: int = 0) -> Batch:
     """All points (or a uniform sample of `limit`) in memory, NaN/Inf refused."""
     rng = np.random.default_rng(seed)

@@ -344,6 +344,8 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=callbacks,
+            # Ray Train's per-report INFO lines would drown distgan's own progress line.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={"train": dataset},
     )

@@ -21,14 +21,8 @@ def _blobs(n_per=200, k=5, d=16, seed=0):
 
 
 def _features(x, y, splits=None, batch=97):
-    ids = np.arange(len(x))
     splits = np.asarray(splits if splits is not None else ["train"] * len(x))
-
-    def batches():
-        for i in range(0, len(x), batch):
-            yield ids[i : i + batch], y[i : i + batch], splits[i : i + batch], x[i : i + batch]
-
-    return K.Features(batches, len(x), x.shape[1], "test features", None)
+    return K.array_features(np.arange(len(x)), y, splits, x, "test features", batch_rows=batch)
 
 
 def test_faiss_recovers_separated_blobs():

@@ -1,0 +1,283 @@
+"""Image sources -> Parquet shards (the prepared-dataset contract) -> tensors.
+
+A prepared dataset is a folder of `shard-NNNNN.parquet` files with columns
+`id` int64, `image` binary (raw uint8, H x W x C), `label` int32 (null when
+unknown), `split` string, plus `dataset.json`. The whole folder is written
+under a temporary name and renamed at the end, so a crash never leaves a
+dataset that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import UserError
+from .sources import check_resolution, fit_resolution, get_source
+
+COLUMNS = ("id", "image", "label", "split")
+MANIFEST = "dataset.json"
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _shard_table(ids, images, labels, splits):
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.int64()),
+            "image": pa.array([im.tobytes() for im in images], pa.binary()),
+            "label": pa.array(labels, pa.int32()),  # None entries become nulls
+            "split": pa.array(splits, pa.string()),
+        }
+    )
+
+
+def _check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
+
+
+def prepare(
+    source: str,
+    out: str | Path,
+    data_root: str | Path | None = None,
+    split: str = "all",
+    resolution: int = 32,
+    shard_rows: int = 10000,
+    download: bool = False,
+    overwrite: bool = False,
+    fake_count: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Write a prepared dataset; returns its manifest."""
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    out = Path(out)
+    check_resolution(resolution)
+    if split not in ("train", "test", "all"):
+        raise UserError(f"--split must be train, test or all, got '{split}'")
+    if shard_rows < 1:
+        raise UserError(f"--shard-rows must be positive, got {shard_rows}")
+    _check_out_dir(out, overwrite)
+    fn = get_source(source, fake_count, seed)
+    root = Path(data_root) if data_root else None
+    kwargs = {"resolution": resolution} if source in ("folder", "fake") else {}
+    src = fn(root, split, download, **kwargs)
+
+    # Everything goes into a sibling temp folder that is renamed when complete.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        buf: dict[str, list] = {"id": [], "image": [], "label": [], "split": []}
+        shards: list[str] = []
+        channels = None
+        class_counts: dict[str, int] = {}
+        split_counts: dict[str, int] = {}
+        n_unlabelled = 0
+
+        def flush():
+            if not buf["id"]:
+                return
+            name = f"shard-{len(shards):05d}.parquet"
+            pq.write_table(_shard_table(buf["id"], buf["image"], buf["label"], buf["split"]), tmp / name)
+            shards.append(name)
+            for v in buf.values():
+                v.clear()
+
+        bar = tqdm(desc=f"prepare {source}", unit="img", disable=not progress)
+        for chunk in src.chunks:
+            images = fit_resolution(chunk.images, resolution)
+            channels = images.shape[-1]
+            for i in range(len(images)):
+                label = None if chunk.labels is None else int(chunk.labels[i])
+                buf["id"].append(int(chunk.ids[i]))
+                buf["image"].append(images[i])
+                buf["label"].append(label)
+                buf["split"].append(chunk.split)
+                split_counts[chunk.split] = split_counts.get(chunk.split, 0) + 1
+                if label is None:
+                    n_unlabelled += 1
+                else:
+                    key = src.class_names[label] if label < len(src.class_names) else str(label)
+                    class_counts[key] = class_counts.get(key, 0) + 1
+                if len(buf["id"]) >= shard_rows:
+                    flush()
+            bar.update(len(images))
+        flush()
+        bar.close()
+        count = sum(split_counts.values())
+        if count == 0:
+            detail = f"; {len(src.skipped)} unreadable files, first: {src.skipped[0]}" if src.skipped else ""
+            raise UserError(f"source '{source}' gave no images for split '{split}'{detail}")
+        manifest = {
+            "name": out.name,
+            "source": source,
+            "data_root": str(root) if root else None,
+            "count": count,
+            "resolution": resolution,
+            "channels": int(channels),
+            "class_names": src.class_names,
+            "class_counts": {c: class_counts[c] for c in sorted(class_counts, key=_class_order(src.class_names))},
+            "unlabelled": n_unlabelled,
+            "split_counts": split_counts,
+            "shards": shards,
+            "skipped": src.skipped,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        return manifest
+    finally:
+        # On any failure (including Ctrl-C) nothing half-written stays behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _class_order(names: list[str]):
+    index = {n: i for i, n in enumerate(names)}
+    return lambda c: (index.get(c, len(index)), c)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / MANIFEST
+    if not path.is_dir():
+        raise UserError(f"prepared dataset not found: {path} (create it with `distgan prepare`)")
+    if not f.is_file():
+        raise UserError(f"{path} has no {MANIFEST}: not a prepared dataset (create it with `distgan prepare`)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is corrupt: {e}") from None
+
+
+def shard_paths(path: str | Path) -> list[Path]:
+    """The dataset's shards, each checked to be Parquet with the contract's columns."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    read_manifest(path)
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise UserError(f"{path} holds no .parquet shards")
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except Exception as e:  # pyarrow raises several types for a damaged footer
+            raise UserError(f"{f} is not a readable Parquet file ({type(e).__name__}); re-run `distgan prepare`") from None
+        missing = [c for c in COLUMNS if c not in names]
+        if missing:
+            raise UserError(f"{f} lacks column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}")
+    return files
+
+
+def open_dataset(path: str | Path, split: str = "all"):
+    """A prepared dataset as a `ray.data.Dataset`, streamed from its shards."""
+    import ray.data
+
+    files = shard_paths(path)
+    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(list(COLUMNS))
+    if split != "all":
+        ds = ds.filter(expr=f"split == '{split}'")
+    return ds
+
+
+def read_arrays(path: str | Path, split: str = "all", columns=COLUMNS) -> dict[str, np.ndarray]:
+    """The whole dataset in memory (for small sets, baselines and tests), no Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f, columns=list(columns)) for f in shard_paths(path)])
+    if split != "all":
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table["split"], split))
+    return {c: _column_numpy(table[c]) for c in columns}
+
+
+def _column_numpy(col) -> np.ndarray:
+    if col.type == "int32":  # label: nulls become -1
+        return col.fill_null(-1).to_numpy()
+    return col.to_numpy(zero_copy_only=False)
+
+
+def decode_images(images, resolution: int, channels: int) -> np.ndarray:
+    """Column of raw bytes -> (N, H, W, C) uint8."""
+    flat = np.frombuffer(bytearray(b"".join(images)), dtype=np.uint8)  # writable: torch shares it
+    return flat.reshape(len(images), resolution, resolution, channels)
+
+
+def to_float(images_u8: np.ndarray):
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 tensor in [-1, 1]."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def to_uint8(x) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] -> (N, H, W, C) uint8; exact inverse of to_float."""
+    import torch
+
+    u = torch.round((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).to(torch.uint8)
+    return u.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def batch_to_tensors(batch: dict, resolution: int, channels: int):
+    """A Ray Data numpy batch -> (x (N, C, H, W) float in [-1, 1], labels (N,) int64 with -1 unknown, ids (N,) int64)."""
+    import torch
+
+    x = to_float(decode_images(batch["image"], resolution, channels))
+    labels = np.asarray(batch["label"])
+    if labels.dtype.kind == "f":  # nulls arrive as NaN
+        labels = np.where(np.isnan(labels), -1, labels)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    ids = torch.from_numpy(np.asarray(batch["id"]).astype(np.int64))
+    return x, labels, ids
+
+
+def save_grid(images_u8: np.ndarray, path: str | Path, nrow: int = 8) -> None:
+    """(N, H, W, C) uint8 -> one PNG grid, 2-pixel gaps."""
+    import torch
+    from torchvision.utils import save_image
+
+    x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 255.0
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster when launched by `ray job submit` (or RAY_ADDRESS is set);
+    otherwise start a local Ray. Locally, Ray gets at least 4 logical CPUs so two
+    training workers and Ray Data's read tasks fit on a 2-core laptop; each worker
+    then caps its torch threads so they do not fight over the real cores."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray Data's per-operator progress bars flood a terminal that also shows training
+    # progress; distgan prints its own (the setting travels with each Dataset).
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True)

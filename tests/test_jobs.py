@@ -1,0 +1,115 @@
+"""A real Ray head on 127.0.0.1 with token authentication: submit
+`jobs/pipeline.py --smoke-test` with `ray job submit --working-dir .`, wait for
+SUCCEEDED, check the artifacts; a wrong token is refused. Everything the head
+started is stopped at the end, pass or fail."""
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, token: str) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    token = secrets.token_hex(32)
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    logs = tmp_path_factory.mktemp("head")
+    # --block keeps `ray start` in the foreground: ending its process group stops
+    # this head's processes only (never the test session's own Ray).
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
+         "--disable-usage-stats"],
+        env=env, stdout=open(logs / "head.out", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while _get(f"{url}/api/version", token) != 200:
+            if head.poll() is not None or time.time() > deadline:
+                pytest.fail(f"Ray head did not come up: {(logs / 'head.out').read_text()[-2000:]}")
+            time.sleep(1)
+        yield url, token, env
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=wait)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+def test_submit_pipeline_smoke_test(ray_head, tmp_path):
+    url, token, env = ray_head
+    out = tmp_path / "pipe"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+         "python", "jobs/pipeline.py", "--smoke-test", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SUCCEEDED" in r.stdout + r.stderr
+    for rel in ("report.html", "pipeline.json", "clusters/embeddings/metrics.json", "probe/probe.json"):
+        assert (out / rel).is_file(), rel
+    assert "acc (embeddings)" in json.loads((out / "pipeline.json").read_text())["headline"]
+
+
+def test_wrong_token_is_refused(ray_head):
+    url, token, env = ray_head
+    assert _get(f"{url}/api/jobs/", token) == 200
+    assert _get(f"{url}/api/jobs/", "not-the-token") in (401, 403)
+    r = subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env={**env, "RAY_AUTH_TOKEN": "wrong"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+
+
+def test_cluster_yaml_is_valid_and_keeps_its_promises():
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(cfg)  # the schema that ships inside the ray package
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["resources"].get("driver", 0) > 0  # drivers, no training
+    gpu = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert gpu and all(t["min_workers"] == 0 for t in gpu)  # autoscaling from zero
+    assert all(t["node_config"]["InstanceType"].split(".")[0][0] in "gp" for t in gpu)  # g5/p4d...: GPU instances
+    assert "InstanceMarketOptions" not in head["node_config"]  # the head is on-demand
+    setup = " ".join(cfg["setup_commands"])
+    assert ".[gpu]" in setup and "faiss-cpu" in setup
+    starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert "--dashboard-host=127.0.0.1" in starts and "0.0.0.0" not in starts
+    assert cfg["metadata"]["distgan_storage"].startswith("s3://")
