@@ -76,7 +76,9 @@ def cmd_train(args) -> None:
         args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
     cfg = _load_config(args)
     init_ray()
-    res = run_training(cfg, storage=args.storage, name=args.name)
+    from .evaluate import make_evaluator
+
+    res = run_training(cfg, storage=args.storage, name=args.name, evaluator=make_evaluator if cfg.eval.every else None)
     print(f"run directory: {res.run_dir}")
     print(f"final checkpoint: {res.checkpoint}")
 
@@ -245,6 +247,44 @@ def cmd_pipeline(args) -> None:
     print(f"report: {report}")
 
 
+def cmd_evaluator_train(args) -> None:
+    from .evaluate import train_classifier
+
+    r = train_classifier(args.data, args.out, epochs=args.epochs)
+    acc = f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "n/a (no test split)"
+    print(f"domain classifier -> {r['path']} (test accuracy {acc}); use it with --set eval.classifier={r['path']}")
+
+
+def cmd_tune(args) -> None:
+    from .data import init_ray
+    from .tune import load_space, run_tune
+
+    if args.smoke_test:
+        _smoke_inputs(args, checkpoint=False)
+        args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
+        args.trials = args.trials or 2
+    overrides = C.parse_overrides(args.set or [])
+    for key, value in (("data.path", args.data), ("train.steps", args.steps), ("train.num_workers", args.workers_per_trial)):
+        if value:
+            overrides[key] = value
+    if args.gpus_per_worker:
+        overrides["train.use_gpu"] = True
+    cfg = C.load(args.config, overrides)
+    space = load_space(args.space)
+    init_ray()
+    summary = run_tune(cfg, space, trials=args.trials or cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
+                       metric=args.metric or cfg.tune.metric, mode=args.mode or cfg.tune.mode,
+                       max_concurrent=args.max_concurrent or cfg.tune.max_concurrent, storage=args.storage, name=args.name)
+    exp = Path(args.storage) / args.name
+    print((exp / "results.md").read_text(), end="")
+    print(f"{summary['trials']} trials, {summary['errored']} errored")
+    if "best_trial" in summary:
+        print(f"best: {summary['best_trial']} {summary['metric']}={summary['best_objective']:.4g} "
+              f"checkpoint {summary['best_checkpoint'] or '(none)'}")
+        print(f"train it further: distgan train --config {exp / 'best.yaml'} --data {cfg.data.path}")
+    print(f"outputs: {exp}/results.csv, results.md, best.yaml, best.json, objective.png")
+
+
 def cmd_report(args) -> None:
     from .report import write_report
 
@@ -356,6 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="start from scratch (otherwise a rerun resumes)")
     s.add_argument("--smoke-test", action="store_true", help="tiny model, a few steps: checks the whole path")
     s.set_defaults(fn=cmd_pipeline)
+
+    s = sub.add_parser("tune", help="Ray Tune sweep over architectures, losses and optimiser settings")
+    s.add_argument("--config", help="base YAML (overrides of the defaults)")
+    s.add_argument("--space", default=str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "space_default.yaml"),
+                   help="space YAML: dotted key -> {choice|uniform|loguniform|randint|grid: ...}")
+    s.add_argument("--data", help="prepared dataset folder")
+    s.add_argument("--trials", type=int, help="samples of the space (tune.trials)")
+    s.add_argument("--scheduler", help="asha | pbt | fifo")
+    s.add_argument("--metric", help="objective, e.g. loss/g or eval/nmi")
+    s.add_argument("--mode", help="min | max")
+    s.add_argument("--workers-per-trial", type=int)
+    s.add_argument("--gpus-per-worker", type=int, default=0, help="1: one GPU per worker")
+    s.add_argument("--max-concurrent", type=int, default=0, help="0: as many as the cluster fits")
+    s.add_argument("--steps", type=int)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="applied to every trial")
+    s.add_argument("--storage", default="runs")
+    s.add_argument("--name", default="tune", help="experiment name; the same storage + name resumes")
+    s.add_argument("--smoke-test", action="store_true")
+    s.set_defaults(fn=cmd_tune)
+
+    s = sub.add_parser("evaluator", help="the offline FID/KID feature space")
+    ev = s.add_subparsers(dest="evaluator_command", required=True)
+    s = ev.add_parser("train", help="train the domain classifier on a labelled prepared dataset")
+    s.add_argument("--data", required=True)
+    s.add_argument("--out", required=True, help="weights file to write (weights only)")
+    s.add_argument("--epochs", type=int, default=3)
+    s.set_defaults(fn=cmd_evaluator_train)
 
     s = sub.add_parser("report", help="write report.html for a pipeline folder")
     s.add_argument("dir")

@@ -19,30 +19,10 @@ import numpy as np
 
 from .config import UserError
 from .data import COLUMNS, decode_images, read_manifest, shard_paths, to_float
-from .models import discriminator_from_checkpoint, load_state
+from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
 SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
-
-
-def recalibrate_batchnorm(D, images_u8: np.ndarray, batch_size: int = 256):
-    """Re-estimate BatchNorm running statistics on real images, then eval mode.
-
-    During training D's running stats average real and fake batches; embedding
-    real images with them shifts every feature. A cumulative average (momentum
-    None) over real batches gives the statistics of the data being embedded."""
-    import torch
-
-    bns = [m for m in D.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        D.train()
-        with torch.no_grad():
-            for i in range(0, len(images_u8), batch_size):
-                D(to_float(images_u8[i : i + batch_size]))
-    return D.eval()
 
 
 def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndarray:

@@ -215,6 +215,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def recalibrate_batchnorm(D, images_u8: np.ndarray, batch_size: int = 256):
+    """Re-estimate BatchNorm running statistics on real images, then eval mode.
+
+    During training D's running stats average real and fake batches; embedding
+    real images with them shifts every feature. A cumulative average (momentum
+    None) over real batches gives the statistics of the data being embedded."""
+    from .data import to_float
+
+    bns = [m for m in D.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bns:
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        D.train()
+        with torch.no_grad():
+            for i in range(0, len(images_u8), batch_size):
+                D(to_float(images_u8[i : i + batch_size]))
+    return D.eval()
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

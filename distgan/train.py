@@ -44,7 +44,7 @@ def build_nets(cfg: Config, device) -> Nets:
     return Nets(G, D, G_ema, opt_g, opt_d)
 
 
-def state_dict(nets: Nets, cfg: Config, step: int, epoch: int) -> dict:
+def state_dict(nets: Nets, cfg: Config, step: int, epoch: int, metrics: dict | None = None) -> dict:
     """Plain tensors, numbers and strings only: loadable with weights_only=True."""
     return {
         "format": "distgan-checkpoint-v1",
@@ -56,6 +56,7 @@ def state_dict(nets: Nets, cfg: Config, step: int, epoch: int) -> dict:
         "step": step,
         "epoch": epoch,
         "config": C.to_dict(cfg),
+        "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))},  # the report it was saved with
     }
 
 
@@ -155,9 +156,13 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     # [2] Restore: Ray hands back the latest checkpoint after a worker failure, or
     # when the same run (storage + name) is started again.
     checkpoint = ray.train.get_checkpoint()
+    state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_state(d)
+    elif loop_config.get("init_from"):  # a run that starts from another run's checkpoint (PBT exploit)
+        state = load_state(loop_config["init_from"])
+    if state is not None:
         restore(nets, state, cfg)
         step, epoch = state["step"], state["epoch"]
     torch.manual_seed(cfg.train.seed + 7919 * rank + step)  # ranks draw different z and augmentations
@@ -172,6 +177,10 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     nets.G_ema.to(device)
 
     log = RunLog(run_dir, step) if rank == 0 else RunLog(None, step)
+    # Optional quality metrics (evaluate.py), built on rank 0 only; a factory so
+    # this module need not import the evaluation stack.
+    make_eval = loop_config.get("evaluator")
+    evaluator = make_eval(cfg) if (make_eval and rank == 0 and cfg.eval.every) else None
     fixed_z = sample_z(cfg.train.num_samples, cfg.model.z_dim, "cpu", torch.Generator().manual_seed(1234)).to(device)
     # [1] This worker's shard of the dataset, streamed from Parquet by Ray Data.
     shard = ray.train.get_dataset_shard("train")
@@ -211,10 +220,15 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 raise UserError(f"a worker's shard holds fewer than data.batch_size={bs} images; lower the batch size or use fewer workers")
             epoch += 1
 
+    if state is not None and step >= cfg.train.steps:
+        # Restored at the final step (a rerun, or a Tune trial resumed after it finished
+        # training): report the saved metrics once, so callers see the run's end state.
+        ray.train.report({**state.get("metrics", {}), "step": step, "epoch": epoch})
     stream = batches()
     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
     acc: dict[str, list] = {}
     diverged = None
+    reported, last_eval = False, {}
     while step < cfg.train.steps:
         try:
             for _ in range(cfg.optim.n_critic):
@@ -235,13 +249,20 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         window["steps"] += 1
         for k, v in out.items():
             acc.setdefault(k, []).append(v)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0:
+        # Evaluate every eval.every steps, at the end, and at an attempt's first report, so
+        # every report can carry eval/* metrics (Tune's schedulers compare them at each rung).
+        eval_now = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == cfg.train.steps or not reported)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0 or eval_now:
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"step": step, "epoch": epoch}
             metrics |= {k: float(torch.stack(v).mean()) for k, v in acc.items()}
             metrics["img_per_s"] = window["steps"] * cfg.optim.n_critic * bs * world / elapsed
             metrics["data_wait_frac"] = window["wait"] / elapsed
             acc.clear()
+            if eval_now and evaluator is not None:
+                last_eval = evaluator(nets.G_ema, nets.D, step)
+            metrics |= last_eval
+            reported = True
             window.update(t0=time.perf_counter(), wait=0.0, steps=0)
             ckpt_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
             _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log, ckpt_now)
@@ -288,7 +309,7 @@ def _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log: RunLog, with_ch
         if rank == 0:
             if not (_all_finite(unwrap(nets.G)) and _all_finite(unwrap(nets.D))):
                 raise NonFiniteError(f"non-finite weights at step {step}; checkpoint not written")
-            torch.save(state_dict(nets, cfg, step, epoch), Path(tmp) / STATE_FILE)
+            torch.save(state_dict(nets, cfg, step, epoch, metrics), Path(tmp) / STATE_FILE)
             with torch.no_grad():
                 samples = to_uint8(nets.G_ema(fixed_z))
             grid = Path(tmp) / "samples.png"
@@ -321,18 +342,22 @@ def resolve_data(cfg: Config) -> Config:
     return C.validate(replace(cfg, model=model, data=data))
 
 
-def build_trainer(cfg: Config, storage: str, name: str, callbacks=None):
+def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluator=None, init_from: str | None = None):
     """[5] The TorchTrainer for one run; `fit()` it, or run it inside a Tune trial."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    import ray.data
+
     storage = storage if "://" in storage else str(Path(storage).resolve())
+    # Ray Data's per-operator bars would flood the console next to distgan's progress line.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = open_dataset(cfg.data.path, cfg.data.split)
     env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
     run_dir = storage.rstrip("/") + "/" + name
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": C.to_dict(cfg), "run_dir": run_dir},
+        train_loop_config={"config": C.to_dict(cfg), "run_dir": run_dir, "evaluator": evaluator, "init_from": init_from},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {}),
@@ -351,12 +376,13 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None):
     )
 
 
-def run_training(cfg: Config, storage: str = "runs", name: str = "distgan") -> TrainResult:
-    """Train (or resume: same storage and name) and return where things landed."""
+def run_training(cfg: Config, storage: str = "runs", name: str = "distgan", evaluator=None) -> TrainResult:
+    """Train (or resume: same storage and name) and return where things landed.
+    `evaluator`: a factory cfg -> callable(G_ema, D, step) -> metrics, e.g. evaluate.make_evaluator."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     cfg = resolve_data(cfg)
-    trainer = build_trainer(cfg, storage, name)
+    trainer = build_trainer(cfg, storage, name, evaluator=evaluator)
     try:
         result = trainer.fit()
     except TrainingFailedError as e:

@@ -68,9 +68,12 @@ def test_fake_is_deterministic():
 def test_shards_and_split(tmp_path):
     out = tmp_path / "f"
     m = D.prepare("fake", out, fake_count=250, shard_rows=100, split="test", progress=False)
-    assert len(list(out.glob("*.parquet"))) == 1 and m["split_counts"] == {"test": 50}
+    n_test = m["split_counts"]["test"]
+    assert len(list(out.glob("*.parquet"))) == 1 and set(m["split_counts"]) == {"test"} and 40 <= n_test <= 60
     m = D.prepare("fake", out, fake_count=250, shard_rows=100, overwrite=True, progress=False)
-    assert len(list(out.glob("*.parquet"))) == 3 and m["split_counts"] == {"train": 200, "test": 50}
+    assert len(list(out.glob("*.parquet"))) == 3 and m["split_counts"] == {"train": 250 - n_test, "test": n_test}
+    a = D.read_arrays(out, columns=("label", "split"))
+    assert len(np.unique(a["label"][a["split"] == "test"])) == 10  # every class in the held-out split
 
 
 def test_folder_source_with_classes_and_corrupt_files(tmp_path):
@@ -165,7 +168,7 @@ def test_cli_corrupt_and_incomplete_parquet(capsys, tmp_path):
 def test_cli_info_prints_table(capsys, digits_dir):
     assert main(["info", str(digits_dir)]) == 0
     out = capsys.readouterr().out
-    assert "1797" in out and "32x32x1" in out and "train 1438" in out
+    assert "1797" in out and "32x32x1" in out and "train 1436" in out and "test 361" in out
 
 
 def test_console_script_exit_status(tmp_path):

@@ -4,6 +4,7 @@ SUCCEEDED, check the artifacts; a wrong token is refused. Everything the head
 started is stopped at the end, pass or fail."""
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -28,13 +29,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, token: str) -> int:
+def _get(url: str, token: str, body: list | None = None) -> int:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
+            if body is not None:
+                body.append(json.loads(r.read()))
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+    except (urllib.error.URLError, ConnectionError):  # not listening yet
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,10 @@ def test_submit_pipeline_smoke_test(ray_head, tmp_path):
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "SUCCEEDED" in r.stdout + r.stderr
+    job_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
+    info: list = []
+    assert _get(f"{url}/api/jobs/{job_id}", token, info) == 200
+    assert info[0]["status"] == "SUCCEEDED"
     for rel in ("report.html", "pipeline.json", "clusters/embeddings/metrics.json", "probe/probe.json"):
         assert (out / rel).is_file(), rel
     assert "acc (embeddings)" in json.loads((out / "pipeline.json").read_text())["headline"]

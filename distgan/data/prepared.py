@@ -280,4 +280,5 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=True)
+        # address="local": always a fresh local instance, never a stale cluster file's address.
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), log_to_driver=True)

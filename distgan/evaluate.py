@@ -1,0 +1,258 @@
+"""Quality metrics that work offline, inside a Tune trial.
+
+- Frechet distance and KID between real and generated images in a feature
+  space: by default a small domain classifier trained once per labelled dataset
+  (`distgan evaluator train`), the idea of Ray's PBT DCGAN example scoring MNIST
+  samples with an MNIST classifier. With a local Inception weights file
+  (`eval.inception_weights`) and torch-fidelity installed, the standard FID
+  feature extractor is used instead. Nothing is ever downloaded.
+- `eval/nmi` and `eval/probe_acc`: faiss k-means NMI and a logistic-regression
+  probe on D's embeddings of a labelled held-out subset (no generator involved).
+
+Training calls `Evaluator.__call__(G_ema, D, step)` on rank 0 every `eval.every`
+steps; train.py only knows it as an optional factory passed in by the CLI or the
+Tune driver, so imports still flow one way. The k-means and probe come from
+cluster.py, which is numpy-only and imports nothing above data.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config, UserError
+from .models import recalibrate_batchnorm, unwrap
+
+CLASSIFIER_FORMAT = "distgan-evaluator-v1"
+
+
+# ---------------------------------------------------------------- distances
+
+
+def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) for features (N, F) and (M, F)."""
+    from scipy import linalg
+
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as pytorch-fid does
+        eps = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 10, subset_size: int = 500,
+                              seed: int = 0) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3, averaged over subsets."""
+    rng = np.random.default_rng(seed)
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    m = min(subset_size, len(f1), len(f2))
+    d = f1.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                    - 2 * kxy.mean())
+    return float(np.mean(vals))
+
+
+# ---------------------------------------------------------------- domain classifier
+
+
+class DomainClassifier(nn.Module):
+    """Small CNN: (N, C, R, R) in [-1, 1] -> 128-d features -> class logits."""
+
+    def __init__(self, channels: int, resolution: int, n_classes: int):
+        super().__init__()
+        self.meta = {"channels": channels, "resolution": resolution, "n_classes": n_classes}
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (N, 128)
+        )
+        self.head = nn.Linear(128, n_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train_classifier(data: str | Path, out: str | Path, epochs: int = 3, batch_size: int = 128, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Train the domain classifier on the train split, report test accuracy, save weights only."""
+    from tqdm import tqdm
+
+    from .data import read_arrays, read_manifest, to_float, decode_images
+
+    m = read_manifest(data)
+    n_classes = len(m["class_names"])
+    if n_classes < 2:
+        raise UserError(f"{data} has no class labels: the domain classifier needs a labelled dataset")
+    arrays = {s: read_arrays(data, split=s) for s in ("train", "test")}
+    if len(arrays["train"]["id"]) == 0:
+        raise UserError(f"{data} has no train split")
+    torch.manual_seed(seed)
+    clf = DomainClassifier(m["channels"], m["resolution"], n_classes)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-3)
+    x_all = decode_images(arrays["train"]["image"], m["resolution"], m["channels"])
+    y_all = torch.from_numpy(arrays["train"]["label"].astype(np.int64))
+    known = y_all >= 0
+    x_all, y_all = x_all[known.numpy()], y_all[known]
+    rng = np.random.default_rng(seed)
+    for epoch in range(epochs):
+        clf.train()
+        order = rng.permutation(len(y_all))
+        for i in tqdm(range(0, len(order), batch_size), desc=f"classifier epoch {epoch + 1}/{epochs}", disable=not progress):
+            idx = order[i : i + batch_size]
+            loss = nn.functional.cross_entropy(clf(to_float(x_all[idx])), y_all[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    acc = None
+    if len(arrays["test"]["id"]):
+        acc = classifier_accuracy(clf, decode_images(arrays["test"]["image"], m["resolution"], m["channels"]),
+                                  arrays["test"]["label"])
+    state = {"format": CLASSIFIER_FORMAT, "state": clf.state_dict(), **clf.meta, "test_acc": acc,
+             "dataset": str(Path(data).resolve())}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return {"test_acc": acc, "path": str(out)}
+
+
+def classifier_accuracy(clf, images_u8: np.ndarray, labels: np.ndarray) -> float:
+    from .data import to_float
+
+    clf.eval()
+    with torch.no_grad():
+        pred = torch.cat([clf(to_float(images_u8[i : i + 512])).argmax(1) for i in range(0, len(images_u8), 512)])
+    keep = labels >= 0
+    return float((pred.numpy()[keep] == labels[keep]).mean())
+
+
+def load_classifier(path: str | Path) -> DomainClassifier:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"evaluator weights not found: {p} (make them with `distgan evaluator train`)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{p} cannot be loaded as evaluator weights: {type(e).__name__}") from None
+    if not isinstance(state, dict) or state.get("format") != CLASSIFIER_FORMAT:
+        raise UserError(f"{p} is not a distgan evaluator file")
+    clf = DomainClassifier(state["channels"], state["resolution"], state["n_classes"])
+    clf.load_state_dict(state["state"])
+    return clf.eval()
+
+
+class InceptionFeatures(nn.Module):
+    """The standard FID feature extractor (2048-d pool3) from a local weights file,
+    through torch-fidelity (what torchmetrics' `feature_extractor_weights_path` uses)."""
+
+    def __init__(self, weights: str | Path):
+        super().__init__()
+        if not Path(weights).is_file():
+            raise UserError(f"Inception weights not found: {weights}")
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise UserError("--inception-weights needs torch-fidelity (pip install torch-fidelity); "
+                            "or use the domain classifier (eval.classifier)") from None
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # the extractor wants uint8 RGB
+        if u8.shape[1] == 1:
+            u8 = u8.repeat(1, 3, 1, 1)
+        return self.net(u8)[0]
+
+
+def _features(extractor, images: torch.Tensor, batch: int = 256) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([extractor.features(images[i : i + batch]).float() for i in range(0, len(images), batch)]).numpy()
+
+
+# ---------------------------------------------------------------- during training
+
+
+class Evaluator:
+    """Callable run on rank 0 every `eval.every` steps: {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"}.
+
+    Built once per worker: real held-out images are read and featurised at
+    construction, so each call costs one generation pass, one feature pass and
+    one small k-means. `eval.num_images` bounds all of it."""
+
+    def __init__(self, cfg: Config):
+        from .data import decode_images, read_arrays, read_manifest, to_float
+
+        e, m = cfg.eval, read_manifest(cfg.data.path)
+        split = "test" if m["split_counts"].get("test") else "train"
+        a = read_arrays(cfg.data.path, split=split)
+        rng = np.random.default_rng(0)
+        take = rng.permutation(len(a["id"]))[: e.num_images]
+        self.real = to_float(decode_images(a["image"][take], m["resolution"], m["channels"]))  # (n, C, H, W)
+        self.labels = a["label"][take]
+        self.z_dim, self.n = cfg.model.z_dim, len(take)
+        self.k = max(2, len(m["class_names"]))
+        self.features = cfg.cluster.features
+        self.extractor = None
+        if e.inception_weights:
+            self.extractor = InceptionFeatures(e.inception_weights).eval()
+        elif e.classifier:
+            self.extractor = load_classifier(e.classifier)
+        self.real_feats = _features(self.extractor, self.real) if self.extractor is not None else None
+
+    def __call__(self, G_ema: nn.Module, D: nn.Module, step: int) -> dict:
+        from .cluster import assign, clustering_metrics, fit_preprocess, kmeans
+
+        t = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.extractor is not None:
+            g = torch.Generator().manual_seed(step)
+            with torch.no_grad():
+                z = torch.randn(self.n, self.z_dim, generator=g)
+                fake = torch.cat([G_ema.cpu()(z[i : i + 256]) for i in range(0, self.n, 256)])
+            fake_feats = _features(self.extractor, fake)
+            out["eval/fid"] = frechet_distance(self.real_feats, fake_feats)
+            out["eval/kid"] = kernel_inception_distance(self.real_feats, fake_feats, subset_size=min(500, self.n))
+        if (self.labels >= 0).sum() >= 2 * self.k:
+            # A copy of D, BatchNorm re-estimated on these real images, in eval mode.
+            d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)).cpu(), ((self.real + 1) * 127.5).round()
+                                      .to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            with torch.no_grad():
+                emb = torch.cat([d.embed(self.real[i : i + 256], self.features) for i in range(0, self.n, 256)]).numpy()
+            known = self.labels >= 0
+            x, y = emb[known], self.labels[known]
+            pre = fit_preprocess(x, "pca-whiten", min(32, x.shape[1]))
+            c, _ = assign(kmeans(pre(x), self.k, niter=20), pre(x))
+            out["eval/nmi"] = clustering_metrics(y, c)["nmi"]
+            out["eval/probe_acc"] = _holdout_probe(x, y)
+        out["eval/seconds"] = time.perf_counter() - t
+        return out
+
+
+def _holdout_probe(x: np.ndarray, y: np.ndarray) -> float:
+    """Logistic regression on half the subset, accuracy on the other half."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    half = len(y) // 2
+    sc = StandardScaler().fit(x[:half])
+    clf = LogisticRegression(max_iter=300).fit(sc.transform(x[:half]), y[:half])
+    return float((clf.predict(sc.transform(x[half:])) == y[half:]).mean())
+
+
+def make_evaluator(cfg: Config) -> Evaluator | None:
+    """None when evaluation is off (eval.every = 0)."""
+    return Evaluator(cfg) if cfg.eval.every > 0 else None

@@ -1,0 +1,149 @@
+"""Offline quality metrics and Ray Tune sweeps (fake data, a few steps per trial)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from distgan import config as C
+from distgan.cli import main
+from distgan.config import UserError
+from distgan.evaluate import Evaluator, frechet_distance, kernel_inception_distance, load_classifier, train_classifier
+from distgan.tune import check_resources, load_space
+
+
+def _reference_fd(a, b):
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
+
+
+def test_frechet_distance_matches_reference_and_behaves():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8))
+    b = rng.normal(size=(2000, 8)) @ rng.normal(size=(8, 8)) * 0.3 + 0.5
+    assert frechet_distance(a, b) == pytest.approx(_reference_fd(a, b), rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shifts = [frechet_distance(a, a + s) for s in (0.5, 1.0, 2.0)]
+    assert shifts == sorted(shifts) and shifts[0] > 0
+    assert shifts[1] == pytest.approx(8 * 1.0**2, rel=1e-6)  # a pure mean shift adds ||delta||^2
+
+
+def test_kid_near_zero_for_same_distribution_and_grows_with_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(1000, 16)), rng.normal(size=(1000, 16))
+    same = kernel_inception_distance(a, b, subset_size=400)
+    far = kernel_inception_distance(a, b + 1.0, subset_size=400)
+    assert abs(same) < 0.05 and far > 10 * abs(same) + 0.1
+
+
+def test_domain_classifier_and_in_training_evaluator(fake_dir, tmp_path):
+    r = train_classifier(fake_dir, tmp_path / "clf.pt", epochs=10, batch_size=32, progress=False)
+    assert r["test_acc"] > 0.5  # ten procedural shapes are easy
+    clf = load_classifier(tmp_path / "clf.pt")  # weights_only load
+    assert clf.meta["n_classes"] == 10
+    cfg = C.load(None, {"data.path": str(fake_dir), "model.width": 8, "eval.every": 5, "eval.num_images": 80,
+                        "eval.classifier": str(tmp_path / "clf.pt")})
+    from distgan.train import build_nets, resolve_data
+
+    cfg = resolve_data(cfg)
+    nets = build_nets(cfg, "cpu")
+    out = Evaluator(cfg)(nets.G_ema, nets.D, step=5)
+    assert {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"} <= set(out)
+    assert out["eval/fid"] > 0 and 0 <= out["eval/nmi"] <= 1 and 0 <= out["eval/probe_acc"] <= 1
+
+
+@pytest.mark.parametrize("text,match", [
+    ("optim.lr: {uniform: [0.1, 0.2]}", "not a config key; close: optim.lr_g, optim.lr_d"),
+    ("optim.lr_d: {uniform: [0.2, 0.1]}", "low < high"),
+    ("optim.lr_d: {loguniform: [0.0, 0.1]}", "low > 0"),
+    ("model.arch: {choice: [dcgan, vit]}", "dcgan, resnet"),
+    ("optim.lr_d: {normal: [0, 1]}", "exactly one of choice"),
+])
+def test_bad_space_files(tmp_path, text, match):
+    f = tmp_path / "space.yaml"
+    f.write_text(text + "\n")
+    with pytest.raises(UserError, match=match):
+        load_space(f)
+
+
+def test_default_space_loads():
+    space = load_space(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "space_default.yaml")
+    assert {"model.arch", "loss.name", "model.spectral_norm", "optim.lr_g", "optim.lr_d", "optim.n_critic",
+            "optim.ema_decay", "optim.diffaugment"} <= set(space)
+
+
+def test_too_many_resources_per_trial():
+    cfg = C.load(None, {"train.num_workers": 8})
+    with pytest.raises(UserError, match="one trial needs 8 worker"):
+        check_resources(cfg, {"CPU": 4})
+    with pytest.raises(UserError, match="GPU"):
+        check_resources(C.load(None, {"train.use_gpu": True}), {"CPU": 4})
+    assert check_resources(C.load(None, {}), {"CPU": 6}) == 2
+
+
+TUNE_FLAGS = ["--set", "model.width=8", "--set", "data.batch_size=32", "--set", "train.log_every=5",
+              "--set", "train.checkpoint_every=5", "--steps", "10"]
+
+
+@pytest.mark.slow
+def test_sweep_two_archs_by_two_losses(ray_running, fake_dir, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("model.arch: {grid: [dcgan, resnet]}\nloss.name: {grid: [ns, hinge]}\n")
+    code = main(["tune", "--space", str(space), "--data", str(fake_dir), "--trials", "1", "--scheduler", "fifo",
+                 "--storage", str(tmp_path), "--name", "sweep", *TUNE_FLAGS])
+    assert code == 0
+    exp = tmp_path / "sweep"
+    df = pd.read_csv(exp / "results.csv")
+    assert len(df) == 4 and set(df["status"]) == {"TERMINATED"} and (df["steps"] == 10).all()
+    assert {(a, l) for a, l in zip(df["model.arch"], df["loss.name"])} == {
+        ("dcgan", "ns"), ("dcgan", "hinge"), ("resnet", "ns"), ("resnet", "hinge")}
+    assert (exp / "results.md").read_text().count("TERMINATED") == 4 and (exp / "objective.png").is_file()
+    best = json.loads((exp / "best.json").read_text())
+    assert best["best_objective"] == df["loss/g"].min() and Path(best["best_checkpoint"]).is_dir()
+    # best.yaml is a full config that `distgan train --config` takes as is
+    code = main(["train", "--config", str(exp / "best.yaml"), "--storage", str(tmp_path), "--name", "again", "--steps", "3",
+                 "--set", "train.checkpoint_every=3"])
+    assert code == 0 and "final checkpoint" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_diverging_trial_errors_and_interrupted_sweep_resumes(ray_running, fake_dir, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr_d: {grid: [2.0e-4, 1.0e+30]}\n")  # 1e30 blows D up: NaN within steps
+    argv = ["tune", "--space", str(space), "--data", str(fake_dir), "--trials", "1", "--scheduler", "fifo",
+            "--max-concurrent", "1", "--storage", str(tmp_path), "--name", "resume", *TUNE_FLAGS]
+    proc = subprocess.Popen([sys.executable, "-m", "distgan.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runs = tmp_path / "resume" / "runs"
+    deadline = time.time() + 300
+    while not list(runs.glob("*/checkpoint_0000010")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+    proc.wait(timeout=120)
+    first = {p.name for p in runs.iterdir()}
+    code = main(argv)  # the same command again
+    assert code == 0
+    df = pd.read_csv(tmp_path / "resume" / "results.csv")
+    assert len(df) == 2
+    assert set(df["trial"]) >= first  # the same trials, carried on; not a new experiment
+    errored = df[df["status"] == "ERROR"]
+    assert list(errored["optim.lr_d"]) == [1e30] and "diverged" in errored["error"].iloc[0]
+    assert (df[df["status"] == "TERMINATED"]["steps"] == 10).all()
+
+
+def test_metric_no_trial_reports(ray_running, fake_dir, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.name: {choice: [ns, hinge]}\n")
+    code = main(["tune", "--space", str(space), "--data", str(fake_dir), "--metric", "eval/fid", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "no trial reports metric 'eval/fid'" in err and "loss/g" in err
+    assert not (tmp_path / "tune").exists()  # refused before any trial started
