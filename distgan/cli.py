@@ -197,6 +197,7 @@ def cmd_pipeline(args) -> None:
         prepare(args.dataset, data, data_root=args.data_root, fake_count=600 if args.smoke_test else 1000)
     else:
         print(f"[1/6] prepare: reusing {data}")
+    print_info(data)
     manifest = read_manifest(data)
     k = args.k or max(2, len(manifest["class_names"]) or 10)
     init_ray()

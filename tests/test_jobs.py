@@ -79,11 +79,15 @@ def ray_head(tmp_path_factory):
 def test_submit_pipeline_smoke_test(ray_head, tmp_path):
     url, token, env = ray_head
     out = tmp_path / "pipe"
-    r = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
-         "python", "jobs/pipeline.py", "--smoke-test", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
-    )
+    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+        r = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+             "python", "jobs/pipeline.py", "--smoke-test", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
+        )
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
     info: list = []
