@@ -15,7 +15,7 @@ import torch
 from distgan import config as C
 from distgan.data import decode_images, init_ray, prepare, read_arrays
 from distgan.embed import embed_dataset, embed_images, load_embedder
-from distgan.train import build_nets, resolve_data, state_dict
+from distgan.train import resolve_data, save_untrained_checkpoint
 
 from .common import DATASETS, write_results
 
@@ -35,9 +35,7 @@ def main(argv=None):
     init_ray()
     for width in (32, 64):
         cfg = resolve_data(C.load(None, {"data.path": str(tmp / "data"), "model.width": width}))
-        ckpt = tmp / f"ckpt{width}"
-        ckpt.mkdir()
-        torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), ckpt / "state.pt")
+        ckpt = save_untrained_checkpoint(cfg, tmp / f"ckpt{width}")
         torch.set_num_threads(2)
         D, _ = load_embedder(ckpt, tmp / "data")
         images = decode_images(read_arrays(tmp / "data", columns=("image",))["image"], 32, 1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from distgan import config as C
 from distgan.cluster import array_features, linear_probe, pixel_features, run_clustering
 from distgan.data import decode_images, init_ray, prepare, read_arrays
 from distgan.embed import embed_images, load_embedder
-from distgan.train import build_nets, resolve_data, run_training, state_dict
+from distgan.train import resolve_data, run_training, save_untrained_checkpoint
 
 from .common import DATASETS, write_results
 
@@ -60,13 +59,9 @@ def main(argv=None):
         base = C.load(None, {"data.path": str(data), "model.width": args.width, "data.split": "all",
                              "train.steps": steps, "train.log_every": 100, "train.checkpoint_every": steps})
         cfg = resolve_data(base)
-        ctrl = tmp / f"{source}-control"
-        ctrl.mkdir()
-        torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), ctrl / "state.pt")
-        t = time.perf_counter()
+        ctrl = save_untrained_checkpoint(cfg, tmp / f"{source}-control")
         trained = run_training(cfg, storage=str(tmp / "runs"), name=source).checkpoint
-        train_min = (time.perf_counter() - t) / 60
-        for label, ckpt in (("random init (control)", ctrl), (f"trained {steps} steps ({train_min:.0f} min)", trained)):
+        for label, ckpt in (("random init (control)", ctrl), (f"trained {steps} steps", trained)):
             D, _ = load_embedder(ckpt, data)
             for feat in ("last", "multi"):
                 x = embed_images(D, images, feat)

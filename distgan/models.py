@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from torch import nn
 import torch.nn.functional as F

@@ -74,6 +74,15 @@ def restore(nets: Nets, state: dict, cfg: Config) -> None:
             group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
 
 
+def save_untrained_checkpoint(cfg: Config, path: str | Path) -> Path:
+    """A step-0 checkpoint of freshly initialised nets: the random-D control for
+    embeddings, and the input of smoke tests. `path` is the checkpoint folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), path / STATE_FILE)
+    return path
+
+
 def _all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
 

@@ -20,7 +20,6 @@ import difflib
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -218,14 +217,14 @@ def run_tune(base: Config, space: dict[str, dict], trials: int, scheduler: str =
 
 
 def _scheduler(name: str, metric: str, mode: str, steps: int, log_every: int, interval: int, space: dict):
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if name == "asha":
         # Rungs in training steps; a trial reports every log_every steps.
         return ASHAScheduler(time_attr="step", max_t=steps, grace_period=max(log_every, steps // 8), reduction_factor=2)
     if name == "pbt":
-        mutations = {k: _mutation(d) for k, d in space.items() if next(iter(d)) != "grid"}
+        # Only keys that keep the weights loadable: a mutated model.* would not fit the donor's checkpoint.
+        mutations = {k: _mutation(d) for k, d in space.items() if next(iter(d)) != "grid" and not k.startswith("model.")}
         return PopulationBasedTraining(time_attr="step", perturbation_interval=interval,
                                        hyperparam_mutations=mutations or None, quantile_fraction=0.5)
     return FIFOScheduler()

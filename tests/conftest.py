@@ -65,13 +65,8 @@ def fake_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory, fake_dir) -> Path:
     """A distgan checkpoint of an untrained BatchNorm DCGAN for the fake dataset."""
-    import torch
-
     from distgan import config as C
-    from distgan.train import build_nets, resolve_data, state_dict
+    from distgan.train import resolve_data, save_untrained_checkpoint
 
     cfg = resolve_data(C.load(None, {"data.path": str(fake_dir), "model.width": 8}))
-    ckpt = tmp_path_factory.mktemp("ckpt") / "checkpoint_0000000"
-    ckpt.mkdir()
-    torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), ckpt / "state.pt")
-    return ckpt
+    return save_untrained_checkpoint(cfg, tmp_path_factory.mktemp("ckpt") / "checkpoint_0000000")

@@ -1,6 +1,5 @@
 """k-means, metrics, streamed assignment, embedding with Ray Data, probe, bad inputs."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -1,0 +1,158 @@
+"""Every `distgan` command but `pipeline`: parse-free functions of the argparse
+namespace that call the stage modules and print where results landed."""
+from __future__ import annotations
+
+import json
+
+from pathlib import Path
+
+from .. import config as C
+from ..config import UserError
+
+from .common import SMOKE, load_config, print_cluster_metrics, print_info, smoke_inputs
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_prepare(args) -> None:
+    from ..data import prepare
+
+    manifest = prepare(
+        args.source, args.out, data_root=args.data_root, split=args.split, resolution=args.resolution,
+        shard_rows=args.shard_rows, download=args.download, overwrite=args.overwrite,
+        fake_count=args.count, seed=args.seed,
+    )
+    print(f"prepared {manifest['count']} images -> {args.out}")
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} unreadable files (listed in dataset.json)")
+    print_info(args.out)
+
+
+def cmd_info(args) -> None:
+    print_info(args.dir)
+
+
+def cmd_train(args) -> None:
+    from ..data import init_ray
+    from ..train import run_training
+
+    if args.smoke_test:
+        smoke_inputs(args, checkpoint=False)
+        args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
+    cfg = load_config(args)
+    init_ray()
+    from ..evaluate import make_evaluator
+
+    res = run_training(cfg, storage=args.storage, name=args.name, evaluator=make_evaluator if cfg.eval.every else None)
+    print(f"run directory: {res.run_dir}")
+    print(f"final checkpoint: {res.checkpoint}")
+
+
+def cmd_embed(args) -> None:
+    from ..data import init_ray
+    from ..embed import embed_dataset
+
+    init_ray()
+    m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
+                      features=args.features, num_actors=args.actors, overwrite=args.overwrite)
+    print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}) -> {args.out}")
+
+
+def _cluster_features(args):
+    from ..cluster import embedding_features, pixel_features
+
+    given = [x for x in (args.embeddings, args.pixels, args.checkpoint) if x]
+    if len(given) != 1:
+        raise UserError("give exactly one of --embeddings DIR, --pixels DIR, or --checkpoint CKPT with --data DIR")
+    if args.pixels:
+        return pixel_features(args.pixels)
+    if args.embeddings:
+        return embedding_features(args.embeddings)
+    if not args.data:
+        raise UserError("--checkpoint needs --data DIR: the prepared dataset to embed")
+    from ..data import init_ray
+    from ..embed import embed_dataset
+
+    init_ray()
+    emb = Path(args.out) / "embeddings"
+    embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
+                  features=args.features, overwrite=args.overwrite)
+    return embedding_features(emb)
+
+
+def cmd_cluster(args) -> None:
+    from ..cluster import run_clustering
+
+    if args.smoke_test:
+        smoke_inputs(args)
+    feats = _cluster_features(args)
+    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim, niter=args.niter,
+                       nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
+                       data=args.data or args.pixels, overwrite=args.overwrite or bool(args.checkpoint))
+    print_cluster_metrics(m)
+    print(f"outputs: {args.out}/assignments.parquet, centroids.npy, metrics.json"
+          + (", montage.png" if (Path(args.out) / "montage.png").exists() else ""))
+
+
+def cmd_probe(args) -> None:
+    from ..cluster import embedding_features, linear_probe, pixel_baselines, probe_table
+
+    feats = embedding_features(args.embeddings)
+    rows = [linear_probe(feats, max_train=args.max_train)]
+    if args.baselines:
+        data = args.data or feats.data
+        if not data:
+            raise UserError("--baselines needs the prepared dataset: pass --data DIR")
+        rows += pixel_baselines(data, max_train=args.max_train)
+    out = Path(args.out or Path(args.embeddings) / "probe")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(rows, indent=2))
+    table = probe_table(rows)
+    (out / "probe.md").write_text(table)
+    print(table, end="")
+    print(f"-> {out}/probe.json, probe.md")
+
+
+def cmd_report(args) -> None:
+    from ..report import write_report
+
+    print(f"report: {write_report(args.dir)}")
+
+
+def cmd_evaluator_train(args) -> None:
+    from ..evaluate import train_classifier
+
+    r = train_classifier(args.data, args.out, epochs=args.epochs)
+    acc = f"{r['test_acc']:.4f}" if r["test_acc"] is not None else "n/a (no test split)"
+    print(f"domain classifier -> {r['path']} (test accuracy {acc}); use it with --set eval.classifier={r['path']}")
+
+
+def cmd_tune(args) -> None:
+    from ..data import init_ray
+    from ..tune import load_space, run_tune
+
+    if args.smoke_test:
+        smoke_inputs(args, checkpoint=False)
+        args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
+        args.trials = args.trials or 2
+    overrides = C.parse_overrides(args.set or [])
+    for key, value in (("data.path", args.data), ("train.steps", args.steps), ("train.num_workers", args.workers_per_trial)):
+        if value:
+            overrides[key] = value
+    if args.gpus_per_worker:
+        overrides["train.use_gpu"] = True
+    cfg = C.load(args.config, overrides)
+    space = load_space(args.space)
+    init_ray()
+    summary = run_tune(cfg, space, trials=args.trials or cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
+                       metric=args.metric or cfg.tune.metric, mode=args.mode or cfg.tune.mode,
+                       max_concurrent=args.max_concurrent or cfg.tune.max_concurrent, storage=args.storage, name=args.name)
+    exp = Path(args.storage) / args.name
+    print((exp / "results.md").read_text(), end="")
+    print(f"{summary['trials']} trials, {summary['errored']} errored")
+    if "best_trial" in summary:
+        print(f"best: {summary['best_trial']} {summary['metric']}={summary['best_objective']:.4g} "
+              f"checkpoint {summary['best_checkpoint'] or '(none)'}")
+        print(f"train it further: distgan train --config {exp / 'best.yaml'} --data {cfg.data.path}")
+    print(f"outputs: {exp}/results.csv, results.md, best.yaml, best.json, objective.png")

@@ -1,0 +1,70 @@
+"""Helpers shared by the `distgan` commands: config from flags, smoke-test inputs,
+and the tables they print."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import config as C
+
+SMOKE = {"model.width": 8, "train.steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
+         "data.batch_size": 32, "cluster.pca_dim": 16}
+
+
+def load_config(args) -> C.Config:
+    overrides = C.parse_overrides(args.set or [])
+    if getattr(args, "data", None):
+        overrides["data.path"] = args.data
+    if getattr(args, "workers", None):
+        overrides["train.num_workers"] = args.workers
+    if getattr(args, "gpu", False):
+        overrides["train.use_gpu"] = True
+    if getattr(args, "steps", None):
+        overrides["train.steps"] = args.steps
+    return C.load(args.config, overrides)
+
+
+def smoke_inputs(args, checkpoint: bool = True) -> None:
+    """--smoke-test: a generated dataset and an untrained checkpoint, so a job runs end to end in seconds."""
+    import tempfile
+
+    from ..data import prepare
+    from ..train import resolve_data, save_untrained_checkpoint
+
+    tmp = Path(tempfile.mkdtemp(prefix="distgan-smoke-"))
+    if not (args.data or getattr(args, "pixels", None) or getattr(args, "embeddings", None)):
+        prepare("fake", tmp / "data", fake_count=300, progress=False)
+        args.data = str(tmp / "data")
+    if checkpoint and not (args.checkpoint or args.pixels or args.embeddings):
+        cfg = resolve_data(C.load(None, {"data.path": args.data, "model.width": 8}))
+        args.checkpoint = str(save_untrained_checkpoint(cfg, tmp / "checkpoint_0000000"))
+
+
+def print_info(path) -> None:
+    from ..data import read_manifest, shard_paths
+
+    m = read_manifest(path)
+    shards = shard_paths(path)
+    rows = [
+        ("name", m["name"]), ("source", m["source"]), ("images", m["count"]),
+        ("resolution", f"{m['resolution']}x{m['resolution']}x{m['channels']}"),
+        ("splits", ", ".join(f"{k} {v}" for k, v in m["split_counts"].items())),
+        ("classes", len(m["class_names"]) or "none (unlabelled)"),
+        ("shards", f"{len(shards)} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)"),
+        ("skipped files", len(m.get("skipped", []))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    if m["class_counts"]:
+        print("  per class:")
+        for name, n in m["class_counts"].items():
+            print(f"    {name:<14} {n}")
+
+
+def print_cluster_metrics(m: dict) -> None:
+    print(f"k={m['k']} n={m['n']} inertia={m['inertia']:.4g} sizes min/max {min(m['sizes'])}/{max(m['sizes'])}"
+          f" ({m['empty_clusters']} empty)")
+    if "acc" in m:
+        print(f"ACC {m['acc']:.4f}  NMI {m['nmi']:.4f}  ARI {m['ari']:.4f}  purity {m['purity']:.4f}")
+    else:
+        print(f"no label metrics: {m['labels']}")

@@ -1,0 +1,97 @@
+"""`distgan pipeline`: prepare -> train -> embed -> cluster -> probe -> report,
+with demo-sized defaults; and the shared `--smoke-test` inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import config as C
+from ..config import UserError
+from .common import SMOKE, print_info
+
+
+# Demo-sized defaults per source: what differs from the Python defaults, like a YAML diff.
+PIPELINE_DEFAULTS = {
+    "digits": {"model.width": 32, "train.steps": 1500, "train.log_every": 100, "train.checkpoint_every": 500,
+               "data.split": "all", "cluster.features": "multi", "cluster.pca_dim": 32},
+}
+def cmd_pipeline(args) -> None:
+    """prepare -> train -> embed -> cluster (embeddings and raw pixels) -> probe -> report."""
+    from ..cluster import embedding_features, linear_probe, pixel_baselines, pixel_features, probe_table, run_clustering
+    from ..data import init_ray, prepare, read_manifest
+    from ..embed import embed_dataset
+    from ..report import write_report
+    from ..train import run_training
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.overwrite or (out / "pipeline.json").exists()):
+        raise UserError(f"output directory {out} is not empty and not a pipeline folder; pass --overwrite")
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    overrides = dict(PIPELINE_DEFAULTS.get(args.dataset, {}))
+    if args.smoke_test:
+        overrides |= SMOKE
+    overrides |= C.parse_overrides(args.set or [])
+    overrides["data.path"] = str(out / "data")
+    if args.steps:
+        overrides["train.steps"] = args.steps
+    if args.workers:
+        overrides["train.num_workers"] = args.workers
+    cfg = C.load(args.config, overrides)
+    data = out / "data"
+    if not (data / "dataset.json").is_file():
+        print(f"[1/6] prepare {args.dataset}")
+        prepare(args.dataset, data, data_root=args.data_root, fake_count=600 if args.smoke_test else 1000)
+    else:
+        print(f"[1/6] prepare: reusing {data}")
+    print_info(data)
+    manifest = read_manifest(data)
+    k = args.k or max(2, len(manifest["class_names"]) or 10)
+    init_ray()
+    print(f"[2/6] train {cfg.model.arch}/{cfg.loss.name}, {cfg.train.steps} steps, {cfg.train.num_workers} worker(s)")
+    trained = run_training(cfg, storage=str(out / "runs"), name="gan")
+    print(f"[3/6] embed every image with D (features={cfg.cluster.features})")
+    emb = out / "embeddings"
+    import shutil
+
+    if (emb / ".embed-spec.json").exists() and json.loads((emb / ".embed-spec.json").read_text())["checkpoint"] != str(Path(trained.checkpoint).resolve()):
+        shutil.rmtree(emb)  # training went further since: these embeddings are stale
+    embed_dataset(trained.checkpoint, data, emb, features=cfg.cluster.features, progress=not args.smoke_test)
+    print(f"[4/6] faiss k-means, k={k}: D embeddings, then raw pixels (the baseline)")
+    cl = cfg.cluster
+    kw = dict(k=k, preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,
+              spherical=cl.spherical, sample=cl.sample, seed=cl.seed, overwrite=True, data=data, progress=False)
+    m_emb = run_clustering(embedding_features(emb), out / "clusters" / "embeddings", **kw)
+    m_pix = run_clustering(pixel_features(data), out / "clusters" / "pixels", **{**kw, "preprocess": "none"})
+    print("[5/6] linear probe on the embeddings, classic baselines on raw pixels")
+    rows = []
+    if len(manifest["class_names"]) and set(manifest["split_counts"]) >= {"train", "test"}:
+        rows = [linear_probe(embedding_features(emb))] + pixel_baselines(data)
+        (out / "probe").mkdir(exist_ok=True)
+        (out / "probe" / "probe.json").write_text(json.dumps(rows, indent=2))
+        (out / "probe" / "probe.md").write_text(probe_table(rows))
+    headline = {}
+    for name, m in (("embeddings", m_emb), ("pixels", m_pix)):
+        for key in ("acc", "nmi", "ari"):
+            if key in m:
+                headline[f"{key} ({name})"] = round(m[key], 4)
+    if rows:
+        headline["probe acc (embeddings)"] = round(rows[0]["accuracy"], 4)
+        headline["logistic regression acc (pixels)"] = round(rows[1]["accuracy"], 4)
+    (out / "pipeline.json").write_text(json.dumps({
+        "dataset": args.dataset, "config": C.to_dict(cfg), "checkpoint": trained.checkpoint,
+        "run_dir": trained.run_dir, "k": k, "headline": headline}, indent=2))
+    print("[6/6] report")
+    report = write_report(out)
+    print()
+    print(f"{'':<22}{'ACC':>8}{'NMI':>8}{'ARI':>8}")
+    for name, m in (("D embeddings", m_emb), ("raw pixels", m_pix)):
+        if "acc" in m:
+            print(f"{name:<22}{m['acc']:>8.4f}{m['nmi']:>8.4f}{m['ari']:>8.4f}")
+    if rows:
+        print(f"linear probe accuracy: D embeddings {rows[0]['accuracy']:.4f}, raw pixels {rows[1]['accuracy']:.4f}"
+              f" (best classic baseline: {max(rows[1:], key=lambda r: r['accuracy'])['method']} "
+              f"{max(r['accuracy'] for r in rows[1:]):.4f})")
+    print(f"report: {report}")
