@@ -1,14 +1,12 @@
-"""Every `distgan` command but `pipeline`: parse-free functions of the argparse
+"""Every `distgan` command but `pipeline`: functions of the parsed argparse
 namespace that call the stage modules and print where results landed."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 from .. import config as C
 from ..config import UserError
-
 from .common import SMOKE, load_config, print_cluster_metrics, print_info, smoke_inputs
 
 
