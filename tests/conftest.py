@@ -24,12 +24,13 @@ def datasets_root() -> Path:
 def ray_local():
     """One Ray instance shared by the tests that need it (start-up costs seconds).
     6 logical CPUs on a 2-core machine: two training workers, Ray Data tasks, and two
-    Tune trials at once fit (the tests are latency-bound, not compute-bound)."""
+    Tune trials at once fit (the tests are latency-bound, not compute-bound).
+    address="local": always a fresh instance, never one a stale /tmp/ray cluster file names."""
     import ray
 
     if not ray.is_initialized():
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -40,7 +41,7 @@ def ray_running(ray_local):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     return ray
 
 

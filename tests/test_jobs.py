@@ -45,7 +45,12 @@ def _get(url: str, token: str, body: list | None = None) -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
-    gcs, dash = _free_port(), _free_port()
+    # Every port the head binds is chosen here: Ray's defaults (dashboard agent 52365,
+    # client server 10001, ...) are already held by the test session's own Ray, and an
+    # agent that cannot bind leaves the head answering "No available agent" forever.
+    ports = {name: _free_port() for name in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                             "metrics-export-port", "ray-client-server-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
@@ -55,14 +60,14 @@ def ray_head(tmp_path_factory):
         # --block keeps `ray start` in the foreground: ending its process group stops
         # this head's processes only (never the test session's own Ray).
         return subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=4",
-             "--disable-usage-stats"],
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=4", "--disable-usage-stats",
+             *(f"--{name}={port}" for name, port in ports.items())],
             env=env, stdout=open(logs / "head.out", "a"), stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     head = start()
-    url = f"http://127.0.0.1:{dash}"
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline, retried = time.time() + 300, False  # a loaded machine can take minutes to start a head
         while _get(f"{url}/api/version", token) != 200:
@@ -90,7 +95,7 @@ def ray_head(tmp_path_factory):
 def test_submit_pipeline_smoke_test(ray_head, tmp_path):
     url, token, env = ray_head
     out = tmp_path / "pipe"
-    for _ in range(30):  # the head's job agent registers a few seconds after the dashboard answers
+    for _ in range(10):  # the head's job agent registers a few seconds after the dashboard answers
         r = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
              "python", "jobs/pipeline.py", "--smoke-test", "--out", str(out)],
