@@ -219,10 +219,13 @@ class Evaluator:
         t = time.perf_counter()
         out: dict[str, float] = {}
         if self.extractor is not None:
+            # G_ema stays where training keeps it (a GPU on a cluster): moving it would break the
+            # next EMA update. The noise comes from a CPU generator so every device sees the same z.
+            dev = next(G_ema.parameters()).device
             g = torch.Generator().manual_seed(step)
             with torch.no_grad():
-                z = torch.randn(self.n, self.z_dim, generator=g)
-                fake = torch.cat([G_ema.cpu()(z[i : i + 256]) for i in range(0, self.n, 256)])
+                z = torch.randn(self.n, self.z_dim, generator=g)  # (n, z_dim)
+                fake = torch.cat([G_ema(z[i : i + 256].to(dev)).float().cpu() for i in range(0, self.n, 256)])
             fake_feats = _features(self.extractor, fake)
             out["eval/fid"] = frechet_distance(self.real_feats, fake_feats)
             out["eval/kid"] = kernel_inception_distance(self.real_feats, fake_feats, subset_size=min(500, self.n))

@@ -55,6 +55,11 @@ def test_domain_classifier_and_in_training_evaluator(fake_dir, tmp_path):
 
     cfg = resolve_data(cfg)
     nets = build_nets(cfg, "cpu")
+
+    def moved(*_a, **_k):  # .cpu()/.to()/.cuda() all go through _apply
+        raise AssertionError("the evaluator moved the training G_ema (on a GPU run the next EMA update would fail)")
+
+    nets.G_ema._apply = moved
     out = Evaluator(cfg)(nets.G_ema, nets.D, step=5)
     assert {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"} <= set(out)
     assert out["eval/fid"] > 0 and 0 <= out["eval/nmi"] <= 1 and 0 <= out["eval/probe_acc"] <= 1
@@ -146,3 +151,4 @@ def test_metric_no_trial_reports(ray_running, fake_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no trial reports metric 'eval/fid'" in err and "loss/g" in err
     assert not (tmp_path / "tune").exists()  # refused before any trial started
+
