@@ -140,20 +140,24 @@ def trial_driver(config: dict, meta: dict) -> None:
         _finish(trainer.fit(), TrainingDiverged)
         return
     # PBT: segments ending at checkpoints Tune can copy between trials.
-    name, init_from = trial_id, None
+    name, init_from, lineage = trial_id, None, {}
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # exploited (another trial's weights) or restored: a fresh run from it
         init_from = ckpt.to_directory()
         name = f"{trial_id}-{hashlib.sha1(init_from.encode()).hexdigest()[:8]}"
-    step = json.loads((Path(init_from) / "tune_step.json").read_text())["step"] if init_from else 0
+        # tune_step.json travels inside the checkpoint: the step it ends at and the trial that wrote it
+        # (another trial's id after an exploit, this trial's own after a resume).
+        saved = json.loads((Path(init_from) / "tune_step.json").read_text())
+        lineage = {"pbt/restored_from": saved["trial"], "pbt/restored_at": saved["step"]}
+    step = lineage.get("pbt/restored_at", 0)
     interval, total = meta["perturbation_interval"], cfg.train.steps
     while step < total:
         seg = C.apply_overrides(cfg, {"train.steps": min(step + interval, total)})
         result = _finish(build_trainer(seg, meta["storage"], name, evaluator=evaluator, init_from=init_from).fit(),
                          TrainingDiverged)
         step = seg.train.steps
-        (Path(result.checkpoint.path) / "tune_step.json").write_text(json.dumps({"step": step}))
-        metrics = {**result.metrics, "step": step, "checkpoint_path": result.checkpoint.path}
+        (Path(result.checkpoint.path) / "tune_step.json").write_text(json.dumps({"step": step, "trial": trial_id}))
+        metrics = {**result.metrics, **lineage, "step": step, "checkpoint_path": result.checkpoint.path}
         tune.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(result.checkpoint.path))
 
 
@@ -259,6 +263,7 @@ def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, m
             "trial": m.get("trial_id") or Path(res.path).name, "status": status,
             **{k: cfg_over.get(k) for k in space}, metric: m.get(metric), "steps": m.get("step", 0),
             "checkpoint": m.get("checkpoint_path", ""), "error": _error_line(res.error),
+            "restored from": m.get("pbt/restored_from", ""),  # PBT: the donor of this trial's weights
         })
     ok = [r for r in rows if r["status"] == "TERMINATED" and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
     best = (min if mode == "min" else max)(ok, key=lambda r: r[metric]) if ok else None
@@ -267,7 +272,7 @@ def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, m
 
     df = pd.DataFrame(rows)
     df.to_csv(exp_dir / "results.csv", index=False)
-    cols = ["trial", *space.keys(), metric, "steps", "status"]
+    cols = ["trial", *space.keys(), metric, "steps", "status"] + (["restored from"] if any(r["restored from"] for r in rows) else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")

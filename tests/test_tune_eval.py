@@ -152,3 +152,27 @@ def test_metric_no_trial_reports(ray_running, fake_dir, tmp_path, capsys):
     assert code == 2 and "no trial reports metric 'eval/fid'" in err and "loss/g" in err
     assert not (tmp_path / "tune").exists()  # refused before any trial started
 
+
+@pytest.mark.slow
+def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, fake_dir, tmp_path):
+    """Two concurrent PBT trials; the one whose D cannot learn (lr_d 1e-8: loss/d stays at 2 ln 2)
+    is always the lower quantile, so at a perturbation it must restart from the other's checkpoint."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr_d: {grid: [1.0e-8, 2.0e-3]}\noptim.lr_g: {loguniform: [1.0e-4, 4.0e-4]}\n")
+    code = main(["tune", "--space", str(space), "--data", str(fake_dir), "--trials", "1", "--scheduler", "pbt",
+                 "--metric", "loss/d", "--mode", "min", "--max-concurrent", "2", "--storage", str(tmp_path),
+                 "--name", "pbt", *TUNE_FLAGS[:-1], "30"])
+    assert code == 0
+    df = pd.read_csv(tmp_path / "pbt" / "results.csv", dtype={"restored from": str})
+    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["steps"] == 30).all()
+    exploited = df[df["restored from"].notna()]
+    assert len(exploited) >= 1, "no trial was restored from another's checkpoint"
+    row = exploited.iloc[0]
+    donor = df[df["trial"] == row["restored from"]].iloc[0]
+    assert row["trial"] != donor["trial"]
+    # exploit copies the donor's config too: the lr_d = 1e-8 trial ends with 2e-3 ...
+    assert set(df["optim.lr_d"]) == {2e-3}
+    assert row["optim.lr_g"] != donor["optim.lr_g"]  # ... and explore perturbs the mutable key
+    assert "restored from" in (tmp_path / "pbt" / "results.md").read_text()
+    # the continuation is a fresh run named after the exploited trial, started from the donor's checkpoint
+    assert any(p.name.startswith(row["trial"] + "-") for p in (tmp_path / "pbt" / "runs").iterdir())
