@@ -1,18 +1,19 @@
 """Run every benchmark and collect the tables into benchmarks/RESULTS.md.
 
     python -m benchmarks            # full runs (the quality benchmark trains for a while)
-    python -m benchmarks --quick    # small sizes: checks that everything runs
+    python -m benchmarks --quick    # small sizes: checks that everything runs (results/quick/, never the tables)
 """
 from __future__ import annotations
 
 import argparse
 import time
 
-from . import embed, kmeans, quality, train_throughput
-from .common import RESULTS, machine, machine_line
+from . import embed, eval_cost, kmeans, quality, train_throughput
+from .common import machine, machine_line, results_dir
 
-BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "embed": embed, "quality": quality}
-TABLES = ["train_throughput", "kmeans", "kmeans_scaling", "embed", "quality"]
+BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "embed": embed, "eval_cost": eval_cost,
+              "quality": quality}
+TABLES = ["train_throughput", "kmeans", "kmeans_scaling", "embed", "eval_cost", "quality"]
 
 
 def main(argv=None) -> None:
@@ -26,10 +27,13 @@ def main(argv=None) -> None:
         print(f"== {name}")
         BENCHMARKS[name].main(flags)
         print(f"== {name} took {time.perf_counter() - t:.0f} s")
-    parts = [f"# distgan benchmarks\n\nMachine: {machine_line(machine())}\n"]
-    parts += [(RESULTS / f"{t}.md").read_text() for t in TABLES if (RESULTS / f"{t}.md").is_file()]
-    (RESULTS.parent / "RESULTS.md").write_text("\n".join(parts))
-    print(f"-> {RESULTS.parent / 'RESULTS.md'}")
+    out = results_dir(args.quick)
+    parts = [f"# distgan benchmarks{' (quick)' if args.quick else ''}\n\nMachine: {machine_line(machine())}\n"]
+    parts += [(out / f"{t}.md").read_text() for t in TABLES if (out / f"{t}.md").is_file()]
+    # full runs: benchmarks/RESULTS.md (committed); quick runs: benchmarks/results/quick/RESULTS.md
+    target = out / "RESULTS.md" if args.quick else out.parent / "RESULTS.md"
+    target.write_text("\n".join(parts))
+    print(f"-> {target}")
 
 
 if __name__ == "__main__":

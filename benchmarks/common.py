@@ -52,15 +52,23 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, rows: list[dict], columns: list[str], command: str, notes: str = "") -> str:
-    """benchmarks/results/NAME.json and NAME.md; prints the table and the machine."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def results_dir(quick: bool) -> Path:
+    """Quick runs (small sizes, a check that everything runs) never overwrite measured tables."""
+    return RESULTS / "quick" if quick else RESULTS
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], command: str, notes: str = "",
+                  quick: bool = False) -> str:
+    """benchmarks/results/[quick/]NAME.json and NAME.md; prints the table and the machine."""
+    out = results_dir(quick)
+    out.mkdir(parents=True, exist_ok=True)
+    command += " --quick" if quick else ""
     m = machine()
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": m, "command": command, "rows": rows, "notes": notes}, indent=2))
+    (out / f"{name}.json").write_text(json.dumps({"machine": m, "command": command, "rows": rows, "notes": notes}, indent=2))
     md = f"### {name}\n\nMachine: {machine_line(m)}  \nCommand: `{command}`\n\n" + markdown_table(rows, columns)
     if notes:
         md += "\n" + notes.strip() + "\n"
-    (RESULTS / f"{name}.md").write_text(md)
+    (out / f"{name}.md").write_text(md)
     print(md)
     return md
 

@@ -54,7 +54,7 @@ def main(argv=None):
     notes = (f"Data: {what} at 32x32, DCGAN D multi-layer features, batch 256. The plain loop holds the decoded "
              "images in memory and embeds them in one process with 2 threads; the Ray Data times are end to end "
              "(reading Parquet, actor start-up, writing Parquet) with the threads split between actors.")
-    write_results("embed", rows, list(rows[0]), "python -m benchmarks.embed" + (" --quick" if args.quick else ""), notes)
+    write_results("embed", rows, list(rows[0]), "python -m benchmarks.embed", notes, quick=args.quick)
     return rows
 
 

@@ -121,11 +121,12 @@ def main(argv=None):
     notes = (f"Features: {desc}. Both start from the same k random points and run exactly {NITER} Lloyd iterations "
              f"(sklearn tol=0). float32 matmul peak measured in the same run: {peak:.0f} GFLOP/s (numpy, 2048^3). "
              "Objective = sum of squared distances to the nearest centroid; < 1 means faiss found the tighter clustering.")
-    write_results("kmeans", rows, list(rows[0]), "python -m benchmarks.kmeans" + (" --quick" if args.quick else ""), notes)
+    write_results("kmeans", rows, list(rows[0]), "python -m benchmarks.kmeans", notes, quick=args.quick)
     sizes = [70_000, 250_000] if args.quick else [70_000, 250_000, 1_000_000]
     srows = scaling(x, sizes)
-    write_results("kmeans_scaling", srows, list(srows[0]), "python -m benchmarks.kmeans" + (" --quick" if args.quick else ""),
-                  "faiss trains on a 70k sample, then assigns every point in batches of 100k (only one batch in memory).")
+    write_results("kmeans_scaling", srows, list(srows[0]), "python -m benchmarks.kmeans",
+                  "faiss trains on a 70k sample, then assigns every point in batches of 100k (only one batch in memory).",
+                  quick=args.quick)
     return rows
 
 

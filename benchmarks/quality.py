@@ -77,8 +77,9 @@ def main(argv=None):
     notes = (f"k-means: faiss, k = 10, 50 iterations, mean of {len(seeds)} seed(s); pca-whiten keeps 64 dimensions. "
              f"Training: DCGAN width {args.width}, ns loss, batch 64, 1 worker, {steps} steps on all 70k images. "
              "Probe: logistic regression on 20,000 train-split images, accuracy on the 10,000 test images.\n\n" + ANCHORS)
-    cmd = "python -m benchmarks.quality" + (" --quick" if args.quick else f" --steps {steps}")
-    write_results("quality", rows, ["dataset", "features", "D", "preprocess", "acc", "nmi", "ari", "probe acc"], cmd, notes)
+    cmd = "python -m benchmarks.quality" + ("" if args.quick else f" --steps {steps}")
+    write_results("quality", rows, ["dataset", "features", "D", "preprocess", "acc", "nmi", "ari", "probe acc"], cmd, notes,
+                  quick=args.quick)
     return rows
 
 

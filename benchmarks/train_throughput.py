@@ -120,7 +120,7 @@ def main(argv=None) -> list[dict]:
              f"images, {steps} steps; distgan img/s is the median of its report windows after the first. "
              "2 workers split the same 2 cores (1 thread each) and add gloo all-reduces: on one machine they "
              "measure overhead, not scaling.")
-    write_results("train_throughput", rows, list(rows[0]), "python -m benchmarks.train_throughput" + (" --quick" if args.quick else ""), notes)
+    write_results("train_throughput", rows, list(rows[0]), "python -m benchmarks.train_throughput", notes, quick=args.quick)
     return rows
 
 
