@@ -173,7 +173,7 @@ def embed_dataset(
             Embedder,
             fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
                                    "dtype": dtype, "threads": threads},
-            batch_size=batch_size, batch_format="numpy", concurrency=n_actors,
+            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
             num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else min(1, cpus / (n_actors + 1)),
         )
         writers: dict[str, tuple] = {}  # input path -> (ParquetWriter, tmp path, rows written)

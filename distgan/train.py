@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -148,12 +150,24 @@ def _maybe_crash(rank: int, world: int, run_dir: Path | None) -> None:
         raise RuntimeError(f"injected fault: rank {rank} crashed")
 
 
+def _quiet_report_log() -> None:
+    """Train V2 logs every report (the whole metrics dict) at INFO on a logger named after
+    its source file, outside the "ray.train" tree that LoggingConfig sets; the progress
+    line says the same in one line."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
     cfg = C.from_dict(loop_config["config"])
     run_dir = _run_dir(loop_config.get("run_dir", ""))
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.train.threads_per_worker or max(1, (os.cpu_count() or 1) // ctx.get_local_world_size())
@@ -304,11 +318,13 @@ def _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log: RunLog, with_ch
 
     if rank == 0:
         log.write(metrics)
+        # To the process's own stdout: Train V2 patches print() to tee into its logger as
+        # well, which put every progress line on the driver's console twice.
         print(
             f"[distgan] step {step}/{cfg.train.steps} epoch {epoch} loss/d {metrics['loss/d']:.3f} "
             f"loss/g {metrics['loss/g']:.3f} D(real) {metrics['d/real']:+.2f} D(fake) {metrics['d/fake']:+.2f} "
             f"{metrics['img_per_s']:.0f} img/s",
-            flush=True,
+            file=sys.__stdout__, flush=True,
         )
     if not with_checkpoint:
         ray.train.report(metrics)  # [4] every worker reports the same number of times
