@@ -2,6 +2,7 @@
 
     python -m benchmarks            # full runs (the quality benchmark trains for a while)
     python -m benchmarks --quick    # small sizes: checks that everything runs (results/quick/, never the tables)
+    python -m benchmarks --collect  # only rebuild RESULTS.md from the results already written
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ TABLES = ["train_throughput", "kmeans", "kmeans_scaling", "embed", "eval_cost", 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run just these")
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run just these")
+    p.add_argument("--collect", action="store_true", help="run nothing; rebuild RESULTS.md from existing results")
     args = p.parse_args(argv)
     flags = ["--quick"] if args.quick else []
-    for name in args.only or BENCHMARKS:
+    for name in [] if args.collect else args.only or BENCHMARKS:
         t = time.perf_counter()
         print(f"== {name}")
         BENCHMARKS[name].main(flags)
