@@ -65,6 +65,46 @@ def test_domain_classifier_and_in_training_evaluator(fake_dir, tmp_path):
     assert out["eval/fid"] > 0 and 0 <= out["eval/nmi"] <= 1 and 0 <= out["eval/probe_acc"] <= 1
 
 
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory) -> Path:
+    """A weights file in the layout of the standard FID Inception (random values: the real file
+    is a user's own, and nothing may be downloaded here). It checks the wiring, not FID values."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3",
+                                   reason="torch-fidelity is not installed (pip install -e .[test])")
+    import torch
+
+    cls = fidelity.FeatureExtractorInceptionV3
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})  # never the network
+    mp.setattr(cls, "load_state_dict", lambda self, sd, *a, **k: None)  # keep the random init
+    try:
+        net = cls("inception-v3-compat", ["2048"])
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "pt_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_standard_fid_path_reads_a_local_inception_file(fake_dir, inception_weights):
+    from distgan.evaluate import InceptionFeatures, _features
+    from distgan.train import build_nets, resolve_data
+
+    ext = InceptionFeatures(inception_weights)
+    imgs = np.random.default_rng(0).uniform(-1, 1, size=(3, 1, 32, 32)).astype(np.float32)
+    import torch
+
+    f = _features(ext, torch.from_numpy(imgs))
+    assert f.shape == (3, 2048) and np.isfinite(f).all()  # grey 32x32 -> RGB 299x299 -> pool3
+    cfg = resolve_data(C.load(None, {"data.path": str(fake_dir), "model.width": 8, "eval.every": 5,
+                                     "eval.num_images": 24, "eval.inception_weights": str(inception_weights)}))
+    nets = build_nets(cfg, "cpu")
+    out = Evaluator(cfg)(nets.G_ema, nets.D, step=5)
+    assert np.isfinite(out["eval/fid"]) and out["eval/fid"] > 0 and np.isfinite(out["eval/kid"])
+    with pytest.raises(UserError, match="Inception weights not found"):
+        InceptionFeatures(inception_weights.parent / "missing.pth")
+
+
 @pytest.mark.parametrize("text,match", [
     ("optim.lr: {uniform: [0.1, 0.2]}", "not a config key; close: optim.lr_g, optim.lr_d"),
     ("optim.lr_d: {uniform: [0.2, 0.1]}", "low < high"),
