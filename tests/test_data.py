@@ -118,10 +118,14 @@ def test_folder_all_unreadable_fails_and_leaves_nothing(tmp_path):
 
 
 def _cli_error(capsys, argv):
+    """Exit status 2 and one error line, on a line of its own. The only other stderr
+    output allowed is a progress bar the failing stage had started."""
     code = main(argv)
-    err = capsys.readouterr().err.strip()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("distgan: error:"), err
+    *before, err = lines
+    assert err.startswith("distgan: error:") and "Traceback" not in err, lines
+    assert all(line.startswith("prepare ") and "img" in line for line in before), lines
     return err
 
 
@@ -163,6 +167,62 @@ def test_cli_corrupt_and_incomplete_parquet(capsys, tmp_path):
     pq.write_table(t, shard)
     err = _cli_error(capsys, ["info", str(out)])
     assert "label" in err and shard.name in err
+
+
+def _write_cifar(root, n=20, seed=0):
+    """A tiny CIFAR-10 in torchvision's layout: pickled dicts of bytes keys and numpy arrays."""
+    import pickle
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    batches = {}
+    for name in ("data_batch_1", "test_batch"):
+        data = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)  # [N, 3072], channel-major rows
+        labels = [int(i) % 10 for i in range(n)]
+        (folder / name).write_bytes(pickle.dumps({b"data": data, b"labels": labels}, protocol=2))
+        batches[name] = (data, labels)
+    return folder, batches
+
+
+def test_cifar10_torchvision_layout(tmp_path):
+    folder, batches = _write_cifar(tmp_path / "root")
+    m = D.prepare("cifar10", tmp_path / "c", data_root=tmp_path / "root", progress=False)
+    assert m["channels"] == 3 and m["split_counts"] == {"train": 20, "test": 20}
+    assert m["class_names"][9] == "truck"
+    a = D.read_arrays(tmp_path / "c")
+    order = np.argsort(a["id"])
+    img = D.decode_images(a["image"][order], 32, 3)  # [N, 32, 32, 3] uint8
+    want = batches["test_batch"][0].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    assert np.array_equal(img[20:], want) and a["id"][order][20] == 50000  # test ids start at 50000
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_hostile_pickle_is_refused_and_runs_nothing(capsys, tmp_path):
+    import pickle
+
+    folder, _ = _write_cifar(tmp_path / "root")
+    marker = tmp_path / "pwned"
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": []}))
+    err = _cli_error(capsys, ["prepare", "cifar10", "--data-root", str(tmp_path / "root"), "--split", "test",
+                              "--out", str(tmp_path / "o")])
+    assert "test_batch" in err and ("posix.system" in err or "os.system" in err)
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"labels": []}))
+    err = _cli_error(capsys, ["prepare", "cifar10", "--data-root", str(tmp_path / "root"), "--split", "test",
+                              "--out", str(tmp_path / "o")])
+    assert "lacks data" in err and not (tmp_path / "o").exists()
 
 
 def test_cli_info_prints_table(capsys, digits_dir):

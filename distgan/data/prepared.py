@@ -97,27 +97,27 @@ def prepare(
             for v in buf.values():
                 v.clear()
 
-        bar = tqdm(desc=f"prepare {source}", unit="img", disable=not progress)
-        for chunk in src.chunks:
-            images = fit_resolution(chunk.images, resolution)
-            channels = images.shape[-1]
-            for i in range(len(images)):
-                label = None if chunk.labels is None else int(chunk.labels[i])
-                buf["id"].append(int(chunk.ids[i]))
-                buf["image"].append(images[i])
-                buf["label"].append(label)
-                buf["split"].append(chunk.split)
-                split_counts[chunk.split] = split_counts.get(chunk.split, 0) + 1
-                if label is None:
-                    n_unlabelled += 1
-                else:
-                    key = src.class_names[label] if label < len(src.class_names) else str(label)
-                    class_counts[key] = class_counts.get(key, 0) + 1
-                if len(buf["id"]) >= shard_rows:
-                    flush()
-            bar.update(len(images))
+        # `with`: an error mid-source closes the bar first, so the error's one line stands on its own
+        with tqdm(desc=f"prepare {source}", unit="img", disable=not progress) as bar:
+            for chunk in src.chunks:
+                images = fit_resolution(chunk.images, resolution)
+                channels = images.shape[-1]
+                for i in range(len(images)):
+                    label = None if chunk.labels is None else int(chunk.labels[i])
+                    buf["id"].append(int(chunk.ids[i]))
+                    buf["image"].append(images[i])
+                    buf["label"].append(label)
+                    buf["split"].append(chunk.split)
+                    split_counts[chunk.split] = split_counts.get(chunk.split, 0) + 1
+                    if label is None:
+                        n_unlabelled += 1
+                    else:
+                        key = src.class_names[label] if label < len(src.class_names) else str(label)
+                        class_counts[key] = class_counts.get(key, 0) + 1
+                    if len(buf["id"]) >= shard_rows:
+                        flush()
+                bar.update(len(images))
         flush()
-        bar.close()
         count = sum(split_counts.values())
         if count == 0:
             detail = f"; {len(src.skipped)} unreadable files, first: {src.skipped[0]}" if src.skipped else ""

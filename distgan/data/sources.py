@@ -140,9 +140,9 @@ def source_cifar10(root: Path | None, split: str, download: bool) -> Source:
             f"cifar10: expected {root}/cifar-10-batches-py/ with batches.meta, data_batch_1..5 and test_batch "
             "(torchvision layout); point --data-root at its parent, or pass --download"
         )
-    # These are the dataset's own pickles (numpy arrays and lists only), read from
-    # the user's data root exactly as torchvision reads them.
-    meta = _unpickle(folder / "batches.meta")
+    # The dataset's own pickles, read with an unpickler that builds nothing but
+    # dicts, lists, bytes and numpy arrays (torchvision would call pickle.load).
+    meta = _unpickle(folder / "batches.meta", ("label_names",))
     classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
     batches = []
     if _want("train", split):
@@ -155,20 +155,39 @@ def source_cifar10(root: Path | None, split: str, download: bool) -> Source:
 
     def chunks():
         for path, s, first in present:
-            d = _unpickle(path)
+            d = _unpickle(path, ("data", "labels"))
             images = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
             yield Chunk(np.ascontiguousarray(images), np.asarray(d["labels"], dtype=np.int32), s, first + np.arange(len(images)))
 
     return Source(chunks(), classes, [])
 
 
-def _unpickle(path: Path) -> dict:
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR-10's batches are pickles of dicts, lists, bytes and numpy arrays. Only the
+    globals numpy needs to rebuild an array (and `_codecs.encode`, with which Python 3
+    writes bytes at protocol 2) may be loaded; any other (os.system, a class with a
+    __reduce__) is refused, so a crafted batch file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path, keys: tuple[str, ...]) -> dict:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="latin1")
-    except Exception as e:  # a corrupt batch file is a user-data problem, said in one line
+            d = _ArraysOnly(f, encoding="latin1").load()
+        d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    except Exception as e:  # a corrupt or hostile batch file is a user-data problem, said in one line
         raise UserError(f"cannot read CIFAR batch {path}: {type(e).__name__}: {e}") from None
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise UserError(f"CIFAR batch {path} lacks {', '.join(missing)}: not a CIFAR-10 python batch")
+    return d
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
