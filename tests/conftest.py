@@ -12,6 +12,10 @@ DATASETS = Path(os.environ.get("DISTGAN_DATASETS", REPO.parent / "shared" / "dat
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers inherit it; torch threads are set per worker
 
+from distgan.data import local_ray_on_loopback  # noqa: E402
+
+local_ray_on_loopback()  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
+
 
 @pytest.fixture(scope="session")
 def datasets_root() -> Path:

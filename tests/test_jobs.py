@@ -2,6 +2,7 @@
 `jobs/pipeline.py --smoke-test` with `ray job submit --working-dir .`, wait for
 SUCCEEDED, check the artifacts; a wrong token is refused. Everything the head
 started is stopped at the end, pass or fail."""
+import contextlib
 import json
 import os
 import re
@@ -72,10 +73,8 @@ def ray_head(tmp_path_factory):
         deadline, retried = time.time() + 300, False  # a loaded machine can take minutes to start a head
         while _get(f"{url}/api/version", token) != 200:
             if head.poll() is not None and not retried:  # the dashboard can time out once under load: one more try
-                try:
+                with contextlib.suppress(ProcessLookupError):  # already gone
                     os.killpg(head.pid, signal.SIGKILL)  # whatever the failed start left behind
-                except ProcessLookupError:
-                    pass
                 time.sleep(2)
                 head, retried = start(), True
             elif head.poll() is not None or time.time() > deadline:
@@ -83,7 +82,7 @@ def ray_head(tmp_path_factory):
             time.sleep(1)
         yield url, token, env
     finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             try:
                 os.killpg(head.pid, sig)
                 head.wait(timeout=wait)
@@ -141,3 +140,63 @@ def test_cluster_yaml_is_valid_and_keeps_its_promises():
     assert starts.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in starts and "0.0.0.0" not in starts
     assert cfg["metadata"]["distgan_storage"].startswith("s3://")
+
+
+LISTENERS = r'''
+import glob, os, sys
+from distgan.data import init_ray
+
+init_ray(2)
+import ray
+
+def tree(root):  # pids of this process and all its descendants
+    parent = {}
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parent[int(stat.split("/")[2])] = int(fields[1])
+    pids, grew = {root}, True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in pids} - pids
+        pids |= new
+        grew = bool(new)
+    return pids
+
+inodes = set()
+for pid in tree(os.getpid()):
+    for fd in glob.glob(f"/proc/{pid}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+listening = set()
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for row in open(table).read().splitlines()[1:]:
+        f = row.split()
+        if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+            hexip = f[1].split(":")[0]
+            listening.add(hexip)
+print("NODES", *[n["NodeManagerAddress"] for n in ray.nodes()])
+print("LISTEN", *sorted(listening))
+ray.shutdown()
+'''
+# /proc/net/tcp{,6} local addresses of 127.0.0.1 (little-endian hex), and of it mapped into IPv6
+LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc/net/tcp")
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    """No RAY_ADDRESS: the local Ray that distgan starts advertises 127.0.0.1, and every
+    socket its processes listen on is a loopback one (Ray's default is every interface)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    r = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("NODES", "LISTEN")))
+    assert lines["NODES"].split() == ["127.0.0.1"]
+    listening = set(lines["LISTEN"].split())
+    assert len(listening) >= 1 and listening <= LOOPBACK_HEX, listening

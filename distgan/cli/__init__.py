@@ -146,6 +146,9 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..data import local_ray_on_loopback
+
+    local_ray_on_loopback()  # before any stage imports ray
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

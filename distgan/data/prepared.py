@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -263,11 +264,25 @@ def save_grid(images_u8: np.ndarray, path: str | Path, nrow: int = 8) -> None:
     save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_on_loopback() -> None:
+    """Make a local Ray (no RAY_ADDRESS) listen on 127.0.0.1 only. On Linux Ray binds
+    every interface and advertises the machine's address so other nodes can join; "0"
+    in this variable is Ray's own single-machine mode (loopback only, no joining).
+    Ray reads it once, when first imported, so this runs before any `import ray`
+    (the CLI's first step) and is a no-op after; a value the user set wins."""
+    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        os.environ.setdefault(LOOPBACK_ENV, "0")
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster when launched by `ray job submit` (or RAY_ADDRESS is set);
-    otherwise start a local Ray. Locally, Ray gets at least 4 logical CPUs so two
-    training workers and Ray Data's read tasks fit on a 2-core laptop; each worker
-    then caps its torch threads so they do not fight over the real cores."""
+    otherwise start a local Ray on loopback. Locally, Ray gets at least 4 logical CPUs
+    so two training workers and Ray Data's read tasks fit on a 2-core laptop; each
+    worker then caps its torch threads so they do not fight over the real cores."""
+    local_ray_on_loopback()
     import ray
 
     if ray.is_initialized():
