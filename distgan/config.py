@@ -193,14 +193,18 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise UserError(f"--set expects key=value, got '{pair}' (e.g. --set optim.lr_d=1e-4)")
         key, raw = pair.split("=", 1)
         value = yaml.safe_load(raw) if raw else ""
-        # YAML 1.1 reads "1e-4" as a string; users mean a number.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") else value
-            except ValueError:
-                pass
+        if isinstance(value, str) and any(c in value for c in ".eE"):
+            value = _as_float(value)
         out[key.strip()] = value
     return out
+
+
+def _as_float(text: str) -> float | str:
+    """YAML 1.1 reads "1e-4" as a string; users mean a number. Anything else stays text."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
