@@ -163,7 +163,9 @@ def embed_dataset(
 
     if todo:
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        n_actors = num_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2)
+        # Default: one actor per GPU, or 2 on CPUs; never more than input shards (one shard is
+        # one read block here, so a second actor would only wait, and Ray Data warns about it).
+        n_actors = num_actors or min(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2, len(todo))
         cpus = int(ray.cluster_resources().get("CPU", 1))
         threads = max(1, (os.cpu_count() or 1) // n_actors)
         print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "

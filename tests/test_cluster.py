@@ -119,7 +119,7 @@ def test_embedding_with_two_actors_equals_single_process(embedded, untrained_che
     assert t["label"].to_pylist() == a["label"][order].tolist()
 
 
-def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, fake_dir):
+def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, fake_dir, capsys):
     from distgan.embed import embed_dataset
 
     out, _ = embedded
@@ -128,8 +128,10 @@ def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, 
     before = {p.name: p.stat().st_mtime_ns for p in shards}
     shards[2].unlink()
     m = embed_dataset(untrained_checkpoint, fake_dir, out, batch_size=64, dtype="float32", features="multi",
-                      num_actors=2, progress=False)
+                      progress=False)
     assert m["reused_shards"] == 3
+    # the default pool (2 CPU actors) is cut to the one shard left to do
+    assert "from 1 shard(s) (3 already done) with 1 CPU actor(s)" in capsys.readouterr().out
     after = {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("emb-*.parquet"))}
     assert set(after) == set(before)
     assert [n for n in after if after[n] != before[n]] == [shards[2].name]
