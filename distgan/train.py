@@ -228,8 +228,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 epoch += 1
                 continue
             got = False
+            # Seeded like the z draws: with one read block per worker (the digits demo) the
+            # whole run repeats exactly; with many blocks their arrival order still varies.
             for batch in shard.iter_batches(batch_size=bs, drop_last=True, batch_format="numpy",
-                                            local_shuffle_buffer_size=4 * bs):
+                                            local_shuffle_buffer_size=4 * bs,
+                                            local_shuffle_seed=cfg.train.seed + 7919 * rank + epoch):
                 got = True
                 images = decode_images(batch["image"], m.resolution, m.channels)
                 if limit and cached_bytes + images.nbytes <= limit:

@@ -45,10 +45,14 @@ def test_two_workers_batchnorm_d_stay_in_sync(ray_running, fake_dir, tmp_path):
     assert list((Path(res.run_dir) / "tensorboard").glob("events.*"))
 
 
-def test_rerun_resumes_at_saved_step_with_optimizer_state(ray_running, fake_dir, tmp_path):
-    cfg = _cfg(fake_dir, **{"train.steps": 4, "train.keep_checkpoints": 2})
+def test_rerun_resumes_at_saved_step_with_optimizer_state(ray_running, digits_dir, tmp_path):
+    cfg = _cfg(digits_dir, **{"train.steps": 4, "train.keep_checkpoints": 2})
     first = run_training(cfg, storage=str(tmp_path), name="r")
     w4 = load_state(first.checkpoint)["D"]
+    # A second run of the same config under another name repeats the first exactly: one read
+    # block (the digits are one shard), a seeded local shuffle, seeded z and augmentations.
+    twin = load_state(run_training(cfg, storage=str(tmp_path), name="twin").checkpoint)
+    assert all(torch.equal(twin["D"][k], w4[k]) for k in w4)
     again = run_training(cfg, storage=str(tmp_path), name="r")  # same command: nothing left to do
     assert again.step == 4 and again.checkpoint == first.checkpoint
     longer = run_training(C.apply_overrides(cfg, {"train.steps": 8}), storage=str(tmp_path), name="r")
