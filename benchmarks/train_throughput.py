@@ -101,7 +101,7 @@ def main(argv=None) -> list[dict]:
         plain = plain_loop(base, images, steps)
         one = distgan_run(base, 1, str(tmp / "runs"), f"{arch}-1")
         two = distgan_run(base, 2, str(tmp / "runs"), f"{arch}-2")
-        amp_cfg = C.apply_overrides(base, {"train.amp": True})
+        amp_cfg = C.apply_overrides(base, {"train.amp": "bf16"})
         plain_bf16 = plain_loop(amp_cfg, images, bf16_steps, warmup=1)  # a few steps: see the note on bf16 below
         bs = base.data.batch_size
         gflops = lambda ips: flops * ips / bs / 1e9  # FLOPs per step x steps/s

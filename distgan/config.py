@@ -60,7 +60,8 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1  # Ray CPUs reserved per worker (data loading, threads)
-    amp: bool = False  # bf16 autocast (GPUs, and CPUs with AVX-512 bf16)
+    amp: str = "off"  # off | bf16 | fp16 (GradScaler) | auto: bf16 on GPUs with capability >= 8.0, fp16 older, off on CPU
+    channels_last: bool = False  # NHWC memory format for G, D and batches (faster convolutions on tensor cores)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 50
@@ -161,7 +162,15 @@ def _build(cls, data: Any, prefix: str):
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Strict inverse of `to_dict`; missing keys take their defaults."""
-    return _build(Config, data, "")
+    return _build(Config, _upgrade(data), "")
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Configs saved by older distgan (checkpoints, best.yaml): train.amp was a bool (bf16 on/off)."""
+    amp = data.get("train", {}).get("amp") if isinstance(data.get("train"), dict) else None
+    if isinstance(amp, bool):
+        data = {**data, "train": {**data["train"], "amp": "bf16" if amp else "off"}}
+    return data
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:
@@ -207,11 +216,11 @@ def _as_float(text: str) -> float | str:
         return text
 
 
-def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+def apply_overrides(cfg: Config, overrides: dict[str, Any], combinations: bool = True) -> Config:
     data = to_dict(cfg)
     for key, value in overrides.items():
         set_dotted(data, key, value)
-    return validate(from_dict(data))
+    return validate(from_dict(data), combinations=combinations)
 
 
 def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -244,7 +253,13 @@ LOSSES = ("ns", "hinge", "wgan-gp", "lsgan")
 AUGMENTS = ("translation", "cutout", "color")
 PREPROCESS = ("none", "l2", "pca-whiten")
 FEATURES = ("last", "multi")
+AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")
+
+
+def has_batchnorm_d(m: ModelConfig) -> bool:
+    """The DCGAN D puts BatchNorm after its hidden convolutions unless spectral norm replaces it."""
+    return m.arch == "dcgan" and not m.spectral_norm
 
 
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
@@ -257,8 +272,14 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise UserError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: Config) -> Config:
-    """Every combination of arch and loss is valid; the few real constraints live here."""
+# The keys the cross-field checks below read: a Tune space that samples them is checked
+# combination by combination before any trial starts (tune.check_space).
+COMBINATION_KEYS = ("model.arch", "model.resolution", "model.spectral_norm", "loss.name")
+
+
+def validate(cfg: Config, combinations: bool = True) -> Config:
+    """Every value in range; with `combinations`, also the few constraints between keys
+    (every arch pairs with every loss, except WGAN-GP with a BatchNorm D)."""
     m, o, t, c = cfg.model, cfg.optim, cfg.train, cfg.cluster
     _choice("model.arch", m.arch, ARCHS)
     _choice("loss.name", cfg.loss.name, LOSSES)
@@ -267,14 +288,13 @@ def validate(cfg: Config) -> Config:
     _choice("cluster.features", c.features, FEATURES)
     _choice("tune.scheduler", cfg.tune.scheduler, SCHEDULERS)
     _choice("tune.mode", cfg.tune.mode, ("min", "max"))
+    _choice("train.amp", t.amp, AMP)
     for aug in filter(None, o.diffaugment.split(",")):
         _choice("optim.diffaugment", aug.strip(), AUGMENTS)
     if m.resolution not in (8, 16, 32, 64, 128, 256):
         raise UserError(f"model.resolution must be a power of two from 8 to 256, got {m.resolution}")
-    if m.arch == "dcgan" and m.resolution not in (32, 64):
-        raise UserError(f"model.arch=dcgan supports resolution 32 or 64, got {m.resolution}; prepare the data with --resolution 32")
-    if m.arch == "resnet" and m.resolution != 32:
-        raise UserError(f"model.arch=resnet supports resolution 32, got {m.resolution}; prepare the data with --resolution 32")
+    if combinations:
+        validate_combinations(cfg)
     for key, value in [
         ("data.batch_size", cfg.data.batch_size), ("model.z_dim", m.z_dim), ("model.width", m.width),
         ("model.channels", m.channels), ("optim.lr_g", o.lr_g), ("optim.lr_d", o.lr_d),
@@ -298,3 +318,18 @@ def validate(cfg: Config) -> Config:
     if c.k < 2:
         raise UserError(f"cluster.k must be at least 2, got {c.k}")
     return cfg
+
+
+def validate_combinations(cfg: Config) -> None:
+    """The constraints between keys (each reads only COMBINATION_KEYS)."""
+    m = cfg.model
+    if m.arch == "dcgan" and m.resolution not in (32, 64):
+        raise UserError(f"model.arch=dcgan supports resolution 32 or 64, got {m.resolution}; prepare the data with --resolution 32")
+    if m.arch == "resnet" and m.resolution != 32:
+        raise UserError(f"model.arch=resnet supports resolution 32, got {m.resolution}; prepare the data with --resolution 32")
+    if cfg.loss.name == "wgan-gp" and has_batchnorm_d(m):
+        # The penalty constrains each sample's gradient ||grad_x D(x)||, but BatchNorm makes D(x)
+        # depend on the whole batch, so that per-sample gradient is not the one being penalised
+        # (Gulrajani et al. 2017, section 4).
+        raise UserError("loss.name=wgan-gp needs a D without BatchNorm (its penalty is per sample): "
+                        "set model.spectral_norm=true, or use model.arch=resnet")

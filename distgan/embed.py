@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import UserError
-from .data import COLUMNS, decode_images, read_manifest, shard_paths, to_float
+from .data import COLUMNS, decode_images, read_manifest, shard_paths, to_device
 from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
+AMP_MODES = ("auto", "off", "bf16", "fp16")
 SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 
 
@@ -40,18 +41,30 @@ def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndar
     return np.concatenate(out)[:n]
 
 
-class Embedder:
-    """Ray Data actor: holds D (recalibrated, eval mode) and embeds batches."""
+def actor_threads() -> int:
+    """torch threads for this Ray actor: the CPUs Ray assigned to it (at least 1), not the
+    machine's core count, which every actor on the node would otherwise claim at once."""
+    import ray
 
-    def __init__(self, state_d: dict, config: dict, features: str, dtype: str, threads: int):
+    assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    return max(1, min(assigned, os.cpu_count() or 1))
+
+
+class Embedder:
+    """Ray Data actor: holds D (recalibrated, eval mode) and embeds batches.
+    On a GPU it infers under bf16 (or fp16 before Ampere) autocast unless amp says otherwise."""
+
+    def __init__(self, state_d: dict, config: dict, features: str, dtype: str, amp: str = "auto"):
         import torch
 
         from . import config as C
-        from .models import build_discriminator
+        from .models import build_discriminator, resolve_amp
 
-        torch.set_num_threads(threads)
+        self.threads = actor_threads()
+        torch.set_num_threads(self.threads)
         self.cfg = C.from_dict(config).model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.amp = resolve_amp(amp, self.device)
         self.D = build_discriminator(self.cfg)
         self.D.load_state_dict(state_d)
         self.D.to(self.device).eval()
@@ -64,7 +77,7 @@ class Embedder:
             "split": np.asarray(batch["split"]),
             "path": np.asarray(batch["path"]),
             "embedding": embed_images(self.D, decode_images(batch["image"], self.cfg.resolution, self.cfg.channels),
-                                      self.features, self.device).astype(self.dtype),
+                                      self.features, self.device, amp=self.amp).astype(self.dtype),
         }
 
 
@@ -75,14 +88,18 @@ def _labels(col) -> np.ndarray:
     return lab.astype(np.int32)
 
 
-def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_size: int = 512) -> np.ndarray:
-    """(N, H, W, C) uint8 -> (N, E) float32 with an eval-mode D; the in-process path."""
+def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_size: int = 512,
+                 amp: str = "off") -> np.ndarray:
+    """(N, H, W, C) uint8 -> (N, E) float32 with an eval-mode D; the in-process path.
+    amp: a resolved precision (off | bf16 | fp16) for the forward pass; the result is float32."""
     import torch
 
+    from .models import autocast
+
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, amp):
         for i in range(0, len(images_u8), batch_size):
-            x = to_float(images_u8[i : i + batch_size]).to(device)
+            x = to_device(images_u8[i : i + batch_size], device)  # uint8 crosses to the device
             outs.append(D.embed(x, features).float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, D.feature_dims[features]), np.float32)
 
@@ -124,6 +141,7 @@ def embed_dataset(
     num_actors: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    amp: str = "auto",
 ) -> dict:
     """Embed every image of `data` into `out`; returns the embeddings manifest."""
     import pyarrow.parquet as pq
@@ -137,6 +155,8 @@ def embed_dataset(
         raise UserError(f"--features must be last or multi, got '{features}'")
     if batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got '{amp}'")
     data, out = Path(data).resolve(), Path(out)
     inputs = shard_paths(data)
     D, state = load_embedder(checkpoint, data)
@@ -167,16 +187,17 @@ def embed_dataset(
         # one read block here, so a second actor would only wait, and Ray Data warns about it).
         n_actors = num_actors or min(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2, len(todo))
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        threads = max(1, (os.cpu_count() or 1) // n_actors)
         print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "
               f"({done_before} already done) with {n_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
         ds = ray.data.read_parquet([str(f) for f in todo], include_paths=True).select_columns([*COLUMNS, "path"])
         ds = ds.map_batches(
             Embedder,
             fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
-                                   "dtype": dtype, "threads": threads},
+                                   "dtype": dtype, "amp": amp},
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else min(1, cpus / (n_actors + 1)),
+            # CPU actors share the CPUs with Ray Data's read tasks (one CPU's worth left for them);
+            # each actor's torch threads follow what it was given (actor_threads).
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else _cpus_per_actor(cpus, n_actors),
         )
         writers: dict[str, tuple] = {}  # input path -> (ParquetWriter, tmp path, rows written)
         bar = tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress)
@@ -213,6 +234,12 @@ def embed_dataset(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _cpus_per_actor(cpus: int, n_actors: int) -> float:
+    """Whole CPUs per actor when the node has room (threads = CPUs), else a fair fraction."""
+    share = cpus / (n_actors + 1)
+    return float(int(share)) if share >= 1 else share
 
 
 def _match_input(path: str, expected: dict) -> str:

@@ -179,8 +179,11 @@ class InceptionFeatures(nn.Module):
 
 
 def _features(extractor, images: torch.Tensor, batch: int = 256) -> np.ndarray:
+    """(N, C, H, W) on any device -> (N, F) float32 numpy, computed on the extractor's device."""
+    device = next(extractor.parameters()).device
     with torch.no_grad():
-        return torch.cat([extractor.features(images[i : i + batch]).float() for i in range(0, len(images), batch)]).numpy()
+        return torch.cat([extractor.features(images[i : i + batch].to(device)).float().cpu()
+                          for i in range(0, len(images), batch)]).numpy()
 
 
 # ---------------------------------------------------------------- during training
@@ -189,19 +192,22 @@ def _features(extractor, images: torch.Tensor, batch: int = 256) -> np.ndarray:
 class Evaluator:
     """Callable run on rank 0 every `eval.every` steps: {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"}.
 
-    Built once per worker: real held-out images are read and featurised at
-    construction, so each call costs one generation pass, one feature pass and
-    one small k-means. `eval.num_images` bounds all of it."""
+    Built once per worker: real held-out images are read at construction and
+    featurised at the first call, on the training device (rank 0's GPU on a
+    cluster: generation, features, the D copy and its BatchNorm re-estimation all
+    run there, while the other ranks wait at their next collective). Each call
+    costs one generation pass, one feature pass, one D pass and one small k-means
+    on the CPU; `eval.num_images` bounds all of it."""
 
     def __init__(self, cfg: Config):
-        from .data import decode_images, read_arrays, read_manifest, to_float
+        from .data import decode_images, read_arrays, read_manifest
 
         e, m = cfg.eval, read_manifest(cfg.data.path)
         split = "test" if m["split_counts"].get("test") else "train"
         a = read_arrays(cfg.data.path, split=split)
         rng = np.random.default_rng(0)
         take = rng.permutation(len(a["id"]))[: e.num_images]
-        self.real = to_float(decode_images(a["image"][take], m["resolution"], m["channels"]))  # (n, C, H, W)
+        self.real_u8 = decode_images(a["image"][take], m["resolution"], m["channels"])  # (n, H, W, C) uint8
         self.labels = a["label"][take]
         self.z_dim, self.n = cfg.model.z_dim, len(take)
         self.k = max(2, len(m["class_names"]))
@@ -211,30 +217,45 @@ class Evaluator:
             self.extractor = InceptionFeatures(e.inception_weights).eval()
         elif e.classifier:
             self.extractor = load_classifier(e.classifier)
-        self.real_feats = _features(self.extractor, self.real) if self.extractor is not None else None
+        self.real_feats = None  # featurised at the first call, on the training device
+        self.device = None
+
+    def _to(self, device: torch.device) -> torch.Tensor:
+        """The held-out images (n, C, H, W) on `device`; extractor and real features moved/made once."""
+        from .data import to_device
+
+        real = to_device(self.real_u8, device)
+        if self.device != device:
+            self.device = device
+            if self.extractor is not None:
+                self.extractor.to(device)
+                self.real_feats = _features(self.extractor, real)
+        return real
 
     def __call__(self, G_ema: nn.Module, D: nn.Module, step: int) -> dict:
         from .cluster import assign, clustering_metrics, fit_preprocess, kmeans
 
         t = time.perf_counter()
         out: dict[str, float] = {}
+        # G_ema stays where training keeps it (a GPU on a cluster): moving it would break the
+        # next EMA update. Everything else comes to it.
+        dev = next(G_ema.parameters()).device
+        real = self._to(dev)
         if self.extractor is not None:
-            # G_ema stays where training keeps it (a GPU on a cluster): moving it would break the
-            # next EMA update. The noise comes from a CPU generator so every device sees the same z.
-            dev = next(G_ema.parameters()).device
+            # The noise comes from a CPU generator so every device sees the same z.
             g = torch.Generator().manual_seed(step)
             with torch.no_grad():
                 z = torch.randn(self.n, self.z_dim, generator=g)  # (n, z_dim)
-                fake = torch.cat([G_ema(z[i : i + 256].to(dev)).float().cpu() for i in range(0, self.n, 256)])
+                fake = torch.cat([G_ema(z[i : i + 256].to(dev)).float() for i in range(0, self.n, 256)])
             fake_feats = _features(self.extractor, fake)
             out["eval/fid"] = frechet_distance(self.real_feats, fake_feats)
             out["eval/kid"] = kernel_inception_distance(self.real_feats, fake_feats, subset_size=min(500, self.n))
         if (self.labels >= 0).sum() >= 2 * self.k:
-            # A copy of D, BatchNorm re-estimated on these real images, in eval mode.
-            d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)).cpu(), ((self.real + 1) * 127.5).round()
-                                      .to(torch.uint8).permute(0, 2, 3, 1).numpy())
+            # A copy of D on its training device, BatchNorm re-estimated on these real images, eval mode.
+            d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)), self.real_u8)
             with torch.no_grad():
-                emb = torch.cat([d.embed(self.real[i : i + 256], self.features) for i in range(0, self.n, 256)]).numpy()
+                emb = torch.cat([d.embed(real[i : i + 256], self.features).float().cpu()
+                                 for i in range(0, self.n, 256)]).numpy()
             known = self.labels >= 0
             x, y = emb[known], self.labels[known]
             pre = fit_preprocess(x, "pca-whiten", min(32, x.shape[1]))

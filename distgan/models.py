@@ -9,6 +9,7 @@ Embedding sizes E (w = model.width):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -21,6 +22,27 @@ import torch.nn.functional as F
 from .config import ModelConfig, UserError
 
 STATE_FILE = "state.pt"  # the one file of a checkpoint directory
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_amp(mode: str, device) -> str:
+    """train.amp (or embed --amp) -> off | bf16 | fp16 for this device. `auto`: bf16 where the GPU
+    computes it natively (compute capability >= 8.0), fp16 (with loss scaling in training) on
+    older GPUs, off on CPUs."""
+    device = torch.device(device)
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "off"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
+
+
+def autocast(device, amp: str):
+    """Autocast to the resolved amp dtype on `device`, or nothing for "off"."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _sn(module: nn.Module, on: bool) -> nn.Module:
@@ -222,18 +244,20 @@ def recalibrate_batchnorm(D, images_u8: np.ndarray, batch_size: int = 256):
 
     During training D's running stats average real and fake batches; embedding
     real images with them shifts every feature. A cumulative average (momentum
-    None) over real batches gives the statistics of the data being embedded."""
-    from .data import to_float
+    None) over real batches gives the statistics of the data being embedded.
+    Runs on D's own device (a GPU during training), batches moved as uint8."""
+    from .data import to_device
 
     bns = [m for m in D.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if bns:
+        device = next(D.parameters()).device
         for bn in bns:
             bn.reset_running_stats()
             bn.momentum = None
         D.train()
         with torch.no_grad():
             for i in range(0, len(images_u8), batch_size):
-                D(to_float(images_u8[i : i + batch_size]))
+                D(to_device(images_u8[i : i + batch_size], device))
     return D.eval()
 
 

@@ -4,10 +4,16 @@ functions run in a single process, under DDP, or in a unit test.
 G and D may be DDP-wrapped. The G step calls D's *inner* module with D's
 parameters frozen, so D's DDP reducer never sees a backward it did not
 prepare for, and no D gradients are computed or all-reduced for nothing.
+
+No step reads a value back to the host: on a GPU every `.item()` or `if tensor`
+stalls the CPU until the queue drains. A non-finite loss or gradient is noted in
+a device tensor (`FiniteGuard`) and the fused Adam skips that update on the
+device (its `found_inf` input, the mechanism GradScaler uses), so weights stay
+finite; the training loop reads the guard once per report, before anything is
+written.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +21,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .losses import get_loss, gradient_penalty, r1_penalty
-from .models import unwrap
+from .models import autocast, unwrap
 
 
 class NonFiniteError(RuntimeError):
@@ -27,8 +33,13 @@ class Nets:
     G: torch.nn.Module  # possibly DDP-wrapped
     D: torch.nn.Module  # possibly DDP-wrapped
     G_ema: torch.nn.Module  # plain module, never trained directly
-    opt_g: torch.optim.Optimizer
+    opt_g: torch.optim.Optimizer  # fused Adam: skips a non-finite update on the device
     opt_d: torch.optim.Optimizer
+    amp: str = "off"  # resolved train.amp: off | bf16 | fp16
+    # One GradScaler per optimizer (fp16 only; disabled ones pass losses through unchanged).
+    scaler_g: torch.amp.GradScaler | None = None
+    scaler_d: torch.amp.GradScaler | None = None
+    guard: "FiniteGuard | None" = None
 
 
 # ---------------------------------------------------------------- DiffAugment
@@ -83,77 +94,120 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
 # ---------------------------------------------------------------- steps
 
 
-def _autocast(x: torch.Tensor, enabled: bool):
-    return torch.autocast(x.device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+    """Total L2 norm of the gradients (foreach kernels, one result on the device)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
-def _check_finite(step_name: str, *values: torch.Tensor) -> None:
-    # The gradient norm is taken after DDP's all-reduce, so a NaN on any rank is
-    # seen by every rank and they all stop together instead of deadlocking.
-    for v in values:
-        if not torch.isfinite(v):
-            raise NonFiniteError(f"non-finite {step_name} ({v.item()})")
+class FiniteGuard:
+    """The first step at which a D or G loss or gradient went NaN/Inf, kept on the device.
+
+    `observe` is asynchronous (no host sync); `check` reads it once, all-reduced
+    (MIN) across DDP ranks so every rank stops at the same report together."""
+
+    NONE = 2**62  # "no bad step yet": larger than any step, so MIN picks the earliest bad one
+
+    def __init__(self, device):
+        self.first_bad = torch.full((2,), self.NONE, dtype=torch.int64, device=device)  # (D, G)
+
+    def observe(self, which: int, step: int, bad: torch.Tensor) -> None:
+        # step+1: the G step being computed; `bad` is a 0-d bool on the device
+        hit = bad & (self.first_bad[which] == self.NONE)
+        self.first_bad[which] = torch.where(hit, step, self.first_bad[which])
+
+    def check(self) -> None:
+        """Raise NonFiniteError naming the first bad step; the one host read per report."""
+        import torch.distributed as dist
+
+        first = self.first_bad.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        d_bad, g_bad = first.tolist()
+        if min(d_bad, g_bad) < self.NONE:
+            which = "D" if d_bad <= g_bad else "G"
+            raise NonFiniteError(f"non-finite {which} loss or gradient at step {min(d_bad, g_bad)}")
+
+
+def _optimizer_step(nets: Nets, which: int, loss: torch.Tensor, module: torch.nn.Module, opt, scaler,
+                    step: int) -> torch.Tensor:
+    """backward -> (unscale) -> norm -> guard -> fused step that skips non-finite updates on the device.
+    Returns the gradient norm (a device tensor)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        # fp16: overflowing gradients are routine (GradScaler lowers the scale and skips that
+        # update), so only a non-finite *loss* counts as divergence.
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        norm = grad_norm(module)
+        if nets.guard is not None:
+            nets.guard.observe(which, step, ~torch.isfinite(loss))
+        scaler.step(opt)  # fused Adam: found_inf handed over on the device, no host sync
+        scaler.update()
+        return norm
+    loss.backward()
+    norm = grad_norm(module)  # after DDP's all-reduce: every rank sees the same value
+    bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+    if nets.guard is not None:
+        nets.guard.observe(which, step, bad)
+    opt.found_inf = bad.float()  # read by the fused kernel: a bad update is skipped on the device
+    try:
+        opt.step()
+    finally:
+        del opt.found_inf
+    return norm
 
 
 def sample_z(n: int, z_dim: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randn(n, z_dim, device=device, generator=generator)
 
 
-def d_step(nets: Nets, real: torch.Tensor, cfg: Config) -> dict[str, torch.Tensor]:
+def d_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 0) -> dict[str, torch.Tensor]:
     """(1) Update D: maximise log D(x) + log(1 - D(G(z))) (or the chosen loss).
-    real: (N, C, H, W) in [-1, 1] on D's device."""
+    real: (N, C, H, W) in [-1, 1] on D's device; `step`: the G step this D step belongs to."""
     d_loss_fn, _ = get_loss(cfg.loss.name)
     G, D = nets.G, nets.D
     z = sample_z(real.shape[0], cfg.model.z_dim, real.device)
-    with torch.no_grad(), _autocast(real, cfg.train.amp):
+    with torch.no_grad(), autocast(real.device, nets.amp):
         fake = G(z).float()  # no graph into G: D's loss must not train G
     policy = cfg.optim.diffaugment
     real_in = diff_augment(real, policy)
     fake_in = diff_augment(fake, policy)
-    if cfg.loss.r1_gamma > 0:
+    r1 = cfg.loss.r1_gamma > 0
+    if r1:
         real_in = real_in.detach().requires_grad_(True)
-    with _autocast(real, cfg.train.amp):
-        # Two forwards of the same DDP-wrapped D before one backward: D is wrapped
-        # with broadcast_buffers=False (see train.py), else BatchNorm breaks it.
-        real_logits = D(real_in).float()
-        fake_logits = D(fake_in).float()
+    # Two forwards of the same DDP-wrapped D before one backward: D is wrapped
+    # with broadcast_buffers=False (see train.py), else BatchNorm breaks it.
+    # Under R1 the real forward stays fp32 (outside autocast): the penalty is the
+    # gradient of these logits, and a bf16/fp16 graph would round it.
+    with autocast(real.device, "off" if r1 else nets.amp):
+        real_logits = D(real_in).float()  # (N,)
+    with autocast(real.device, nets.amp):
+        fake_logits = D(fake_in).float()  # (N,)
     loss = d_loss_fn(real_logits, fake_logits)
-    # Penalties in fp32 outside autocast: bf16 gradient norms are what turns WGAN-GP into NaN.
+    # Penalties in fp32 outside autocast: low-precision gradient norms are what turn WGAN-GP into NaN.
     if cfg.loss.name == "wgan-gp":
         loss = loss + cfg.loss.gp_weight * gradient_penalty(D, real_in.detach(), fake_in.detach())
-    if cfg.loss.r1_gamma > 0:
+    if r1:
         loss = loss + 0.5 * cfg.loss.r1_gamma * r1_penalty(real_logits, real_in)
-    nets.opt_d.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = grad_norm(D)
-    _check_finite("D loss or gradient", loss.detach(), norm)
-    nets.opt_d.step()
+    norm = _optimizer_step(nets, 0, loss, D, nets.opt_d, nets.scaler_d, step)
     return {"loss/d": loss.detach(), "d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean(), "grad_norm/d": norm}
 
 
-def g_step(nets: Nets, batch_size: int, device, cfg: Config) -> dict[str, torch.Tensor]:
+def g_step(nets: Nets, batch_size: int, device, cfg: Config, step: int = 0) -> dict[str, torch.Tensor]:
     """(2) Update G: make D call G(z) real."""
     _, g_loss_fn = get_loss(cfg.loss.name)
     D_inner = unwrap(nets.D)
     D_inner.requires_grad_(False)  # gradient flows through D to G, not into D
     try:
         z = sample_z(batch_size, cfg.model.z_dim, device)
-        with _autocast(z, cfg.train.amp):
+        with autocast(z.device, nets.amp):
             fake = nets.G(z)
             logits = D_inner(diff_augment(fake.float(), cfg.optim.diffaugment)).float()
         loss = g_loss_fn(logits)
-        nets.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
+        norm = _optimizer_step(nets, 1, loss, nets.G, nets.opt_g, nets.scaler_g, step)
     finally:
         D_inner.requires_grad_(True)
-    norm = grad_norm(nets.G)
-    _check_finite("G loss or gradient", loss.detach(), norm)
-    nets.opt_g.step()
     return {"loss/g": loss.detach(), "grad_norm/g": norm}
 
 
@@ -161,7 +215,6 @@ def g_step(nets: Nets, batch_size: int, device, cfg: Config) -> dict[str, torch.
 def ema_update(G_ema: torch.nn.Module, G: torch.nn.Module, decay: float) -> None:
     """G_ema <- decay * G_ema + (1 - decay) * G; buffers (BatchNorm stats) copied."""
     G = unwrap(G)
-    for pe, p in zip(G_ema.parameters(), G.parameters()):
-        pe.lerp_(p.detach(), 1.0 - decay)
-    for be, b in zip(G_ema.buffers(), G.buffers()):
-        be.copy_(b)
+    # one foreach kernel per list instead of a Python loop over ~20-60 tensors
+    torch._foreach_lerp_(list(G_ema.parameters()), [p.detach() for p in G.parameters()], 1.0 - decay)
+    torch._foreach_copy_(list(G_ema.buffers()), list(G.buffers()))

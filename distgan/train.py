@@ -21,9 +21,9 @@ import torch
 
 from . import config as C
 from .config import Config, UserError
-from .data import decode_images, open_dataset, read_manifest, save_grid, to_float, to_uint8
-from .models import STATE_FILE, build_discriminator, build_generator, load_state, unwrap
-from .steps import Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
+from .data import decode_images, open_dataset, read_manifest, save_grid, to_device, to_uint8
+from .models import STATE_FILE, build_discriminator, build_generator, load_state, resolve_amp, unwrap
+from .steps import FiniteGuard, Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
 
 FAULT_ENV = "DISTGAN_FAULT"  # "crash@N" (rank 1, or 0 alone, raises once at step N) | "nan@N"
 
@@ -36,14 +36,21 @@ class TrainingDiverged(UserError):
 
 
 def build_nets(cfg: Config, device) -> Nets:
+    device = torch.device(device)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
-    G = build_generator(cfg.model).to(device)
-    D = build_discriminator(cfg.model).to(device)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+    G = build_generator(cfg.model).to(device, memory_format=fmt)
+    D = build_discriminator(cfg.model).to(device, memory_format=fmt)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    return Nets(G, D, G_ema, opt_g, opt_d)
+    # fused=True: one kernel per step, and the only Adam that takes `found_inf` on the device,
+    # which is how a non-finite update is skipped without a host sync (steps.py).
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=True)
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=True)
+    amp = resolve_amp(cfg.train.amp, device)
+    scalers = [torch.amp.GradScaler(device.type, enabled=amp == "fp16") for _ in range(2)]
+    return Nets(G, D, G_ema, opt_g, opt_d, amp=amp, scaler_g=scalers[0], scaler_d=scalers[1],
+                guard=FiniteGuard(device))
 
 
 def state_dict(nets: Nets, cfg: Config, step: int, epoch: int, metrics: dict | None = None) -> dict:
@@ -55,6 +62,8 @@ def state_dict(nets: Nets, cfg: Config, step: int, epoch: int, metrics: dict | N
         "G_ema": nets.G_ema.state_dict(),
         "opt_g": nets.opt_g.state_dict(),
         "opt_d": nets.opt_d.state_dict(),
+        "scaler_g": nets.scaler_g.state_dict() if nets.scaler_g and nets.scaler_g.is_enabled() else {},
+        "scaler_d": nets.scaler_d.state_dict() if nets.scaler_d and nets.scaler_d.is_enabled() else {},
         "step": step,
         "epoch": epoch,
         "config": C.to_dict(cfg),
@@ -66,14 +75,25 @@ def restore(nets: Nets, state: dict, cfg: Config) -> None:
     unwrap(nets.G).load_state_dict(state["G"])
     unwrap(nets.D).load_state_dict(state["D"])
     nets.G_ema.load_state_dict(state["G_ema"])
-    nets.opt_g.load_state_dict(state["opt_g"])
-    nets.opt_d.load_state_dict(state["opt_d"])
+    for opt, key in ((nets.opt_g, "opt_g"), (nets.opt_d, "opt_d")):
+        _load_optimizer(opt, state[key])
+    for scaler, key in ((nets.scaler_g, "scaler_g"), (nets.scaler_d, "scaler_d")):
+        if scaler is not None and scaler.is_enabled() and state.get(key):
+            scaler.load_state_dict(state[key])
     # Re-apply the config's learning rates and betas: under PBT the checkpoint may
     # come from another trial whose hyperparameters have since been mutated.
     o = cfg.optim
     for opt, lr in ((nets.opt_g, o.lr_g), (nets.opt_d, o.lr_d)):
         for group in opt.param_groups:
             group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """Load Adam state, keeping this optimizer's implementation flags: a checkpoint written by
+    a non-fused Adam (older distgan) must not turn fused off, since the steps rely on it."""
+    keep = ("fused", "foreach", "capturable")
+    groups = [{**g, **{k: mine[k] for k in keep if k in mine}} for g, mine in zip(saved["param_groups"], opt.param_groups)]
+    opt.load_state_dict({**saved, "param_groups": groups})
 
 
 def save_untrained_checkpoint(cfg: Config, path: str | Path) -> Path:
@@ -256,32 +276,37 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     diverged = None
     reported, last_eval = False, {}
     while step < cfg.train.steps:
-        try:
-            for _ in range(cfg.optim.n_critic):
-                t = time.perf_counter()
-                images = next(stream)
-                window["wait"] += time.perf_counter() - t
-                real = to_float(images).to(device, non_blocking=True)  # (bs, C, H, W) in [-1, 1]
-                if _fault_at(step + 1) == "nan":
-                    real = real * float("nan")
-                out = d_step(nets, real, cfg)
-            out |= g_step(nets, bs, device, cfg)
-        except NonFiniteError as e:
-            # Every rank sees the same all-reduced gradient norm, so all stop here together.
-            diverged = f"{e} at step {step + 1}"
-            break
+        for _ in range(cfg.optim.n_critic):
+            t = time.perf_counter()
+            images = next(stream)
+            window["wait"] += time.perf_counter() - t
+            real = to_device(images, device, cfg.train.channels_last)  # (bs, C, H, W) in [-1, 1]
+            if _fault_at(step + 1) == "nan":
+                real = real * float("nan")
+            out = d_step(nets, real, cfg, step + 1)
+        out |= g_step(nets, bs, device, cfg, step + 1)
         ema_update(nets.G_ema, nets.G, cfg.optim.ema_decay)
         step += 1
         window["steps"] += 1
         for k, v in out.items():
-            acc.setdefault(k, []).append(v)
+            acc.setdefault(k, []).append(v.detach())
         # Evaluate every eval.every steps, at the end, and at an attempt's first report, so
         # every report can carry eval/* metrics (Tune's schedulers compare them at each rung).
         eval_now = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == cfg.train.steps or not reported)
         if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0 or eval_now:
+            try:
+                # The one host read of the steps' health per report, before anything is written:
+                # a NaN stops every rank here, at the same report, with no checkpoint of it.
+                nets.guard.check()
+            except NonFiniteError as e:
+                diverged = str(e)
+                break
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"step": step, "epoch": epoch}
-            metrics |= {k: float(torch.stack(v).mean()) for k, v in acc.items()}
+            # one stack and one device->host copy for every metric of the window
+            names = sorted(acc)
+            means = torch.stack([torch.stack(acc[k]).float().nanmean() for k in names]).tolist()
+            metrics |= dict(zip(names, means))
             metrics["img_per_s"] = window["steps"] * cfg.optim.n_critic * bs * world / elapsed
             metrics["data_wait_frac"] = window["wait"] / elapsed
             acc.clear()

@@ -34,8 +34,10 @@ DRIVER_CPU = 0.01  # a trial driver only waits on its TorchTrainer
 # ---------------------------------------------------------------- the space
 
 
-def load_space(path: str | Path) -> dict[str, dict]:
-    """Read and check a space file: every key a config key, every distribution well formed."""
+def load_space(path: str | Path, base: Config | None = None) -> dict[str, dict]:
+    """Read and check a space file: every key a config key, every distribution well formed,
+    and every combination it can sample of the keys validate() relates (arch, resolution,
+    spectral norm, loss) valid on top of `base`, so no trial fails for a combination."""
     import yaml
 
     p = Path(path)
@@ -55,7 +57,23 @@ def load_space(path: str | Path) -> dict[str, dict]:
         kind, args = next(iter(dist.items()))
         _check_distribution(key, kind, args)
         space[key] = {kind: args}
+    check_combinations(space, base or Config(), p)
     return space
+
+
+def check_combinations(space: dict[str, dict], base: Config, where: str | Path = "space") -> None:
+    import itertools
+
+    keys = [k for k in C.COMBINATION_KEYS if k in space and next(iter(space[k])) in ("choice", "grid")]
+    if not keys:
+        return
+    for values in itertools.product(*(next(iter(space[k].values())) for k in keys)):
+        sample = dict(zip(keys, values))
+        try:
+            C.apply_overrides(base, sample)
+        except UserError as e:
+            combo = ", ".join(f"{k}={v}" for k, v in sample.items())
+            raise UserError(f"{where} can sample {combo}, which is not valid: {e}") from None
 
 
 def _check_distribution(key: str, kind: str, args: Any) -> None:
@@ -63,7 +81,7 @@ def _check_distribution(key: str, kind: str, args: Any) -> None:
         if not isinstance(args, list) or not args:
             raise UserError(f"space key '{key}': {kind} needs a non-empty list of values")
         for v in args:  # every value must be valid for the key (type and allowed names)
-            C.apply_overrides(Config(), {key: v})
+            C.apply_overrides(Config(), {key: v}, combinations=False)
         return
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args)):
         raise UserError(f"space key '{key}': {kind} needs [low, high], got {args!r}")
@@ -74,7 +92,7 @@ def _check_distribution(key: str, kind: str, args: Any) -> None:
         raise UserError(f"space key '{key}': loguniform needs low > 0, got {lo}")
     if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
         raise UserError(f"space key '{key}': randint needs integer bounds, got [{lo}, {hi}]")
-    C.apply_overrides(Config(), {key: lo if kind != "randint" else int(lo)})
+    C.apply_overrides(Config(), {key: lo if kind != "randint" else int(lo)}, combinations=False)
 
 
 def to_tune(space: dict[str, dict]) -> dict:

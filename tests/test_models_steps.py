@@ -63,7 +63,9 @@ def test_unknown_arch_lists_valid():
 
 @pytest.mark.parametrize("arch,loss", list(itertools.product(ARCHS, LOSS_NAMES)))
 def test_d_step_changes_only_d_and_g_step_only_g(arch, loss):
-    cfg = _cfg(arch, loss, **{"optim.diffaugment": "translation,cutout,color", "loss.r1_gamma": 1.0})
+    sn = loss == "wgan-gp"  # the gradient penalty needs a D without BatchNorm (validate)
+    cfg = _cfg(arch, loss, **{"optim.diffaugment": "translation,cutout,color", "loss.r1_gamma": 1.0,
+                              "model.spectral_norm": sn})
     nets = build_nets(cfg, "cpu")
     real = torch.rand(6, 3, 32, 32) * 2 - 1
     g0, d0 = _params(nets.G), _params(nets.D)
@@ -132,13 +134,19 @@ def test_ema_update():
         assert torch.allclose(pe, 0.9 * b + 0.1 * p)
 
 
-def test_non_finite_loss_stops_before_the_optimizer_step():
+def test_non_finite_update_is_skipped_on_device_and_named_at_check():
     cfg = _cfg()
     nets = build_nets(cfg, "cpu")
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    d_step(nets, real, cfg, step=1)
+    nets.guard.check()  # a healthy step: nothing to report
     d0 = _params(nets.D)
-    with pytest.raises(NonFiniteError):
-        d_step(nets, torch.full((4, 3, 32, 32), float("nan")), cfg)
-    assert not any(_changed(d0, nets.D))  # weights untouched, still finite
+    d_step(nets, torch.full((4, 3, 32, 32), float("nan")), cfg, step=2)  # no exception: nothing is read back
+    assert not any(_changed(d0, nets.D))  # the fused Adam skipped the update: weights untouched
+    d_step(nets, real, cfg, step=3)  # later healthy steps train again...
+    assert all(_weights_changed(d0, nets.D))
+    with pytest.raises(NonFiniteError, match="non-finite D loss or gradient at step 2"):
+        nets.guard.check()  # ...but the first bad step is remembered and named
 
 
 def test_checkpoint_state_round_trip_weights_only(tmp_path):

@@ -143,6 +143,8 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float16", help="float16 | float32")
     p.add_argument("--features", default="last", help="last | multi (pooled features of every D block)")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="inference precision on GPUs (auto: bf16 on Ampere+, fp16 before; CPUs always fp32)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ def cmd_embed(args) -> None:
 
     init_ray()
     m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      features=args.features, num_actors=args.actors, overwrite=args.overwrite)
+                      features=args.features, num_actors=args.actors, overwrite=args.overwrite, amp=args.amp)
     print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}) -> {args.out}")
 
 
@@ -75,7 +75,7 @@ def _cluster_features(args):
     init_ray()
     emb = Path(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
-                  features=args.features, overwrite=args.overwrite)
+                  features=args.features, overwrite=args.overwrite, amp=args.amp)
     return embedding_features(emb)
 
 
@@ -141,7 +141,7 @@ def cmd_tune(args) -> None:
     if args.gpus_per_worker:
         overrides["train.use_gpu"] = True
     cfg = C.load(args.config, overrides)
-    space = load_space(args.space)
+    space = load_space(args.space, cfg)  # before Ray: a space that can sample an invalid combination is refused
     init_ray()
     summary = run_tune(cfg, space, trials=args.trials or cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
                        metric=args.metric or cfg.tune.metric, mode=args.mode or cfg.tune.mode,
