@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import embed, eval_cost, kmeans, quality, train_throughput
+import torch
+
+from . import embed, eval_cost, gpu, kmeans, quality, train_throughput
 from .common import machine, machine_line, results_dir
 
 BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "embed": embed, "eval_cost": eval_cost,
-              "quality": quality}
-TABLES = ["train_throughput", "kmeans", "kmeans_scaling", "embed", "eval_cost", "quality"]
+              "quality": quality, "gpu": gpu}
+# The GPU benchmark runs by default where there is a GPU; `--only gpu` asks for it anywhere.
+DEFAULT = [name for name in BENCHMARKS if name != "gpu" or torch.cuda.is_available()]
+TABLES = ["train_throughput", "kmeans", "kmeans_scaling", "embed", "eval_cost", "quality", "gpu"]
 
 
 def main(argv=None) -> None:
@@ -24,7 +28,7 @@ def main(argv=None) -> None:
     p.add_argument("--collect", action="store_true", help="run nothing; rebuild RESULTS.md from existing results")
     args = p.parse_args(argv)
     flags = ["--quick"] if args.quick else []
-    for name in [] if args.collect else args.only or BENCHMARKS:
+    for name in [] if args.collect else args.only or DEFAULT:
         t = time.perf_counter()
         print(f"== {name}")
         BENCHMARKS[name].main(flags)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distgan import config as C
-from distgan.data import decode_images, prepare, read_arrays, to_float
+from distgan.data import decode_images, prepare, read_arrays, to_device
 from distgan.steps import d_step, ema_update, g_step
 from distgan.train import build_nets, resolve_data, run_training
 
@@ -42,31 +42,39 @@ def peak_conv_gflops(amp: bool, reps: int = 5) -> float:
     return flops / best / 1e9
 
 
-def step_flops(cfg) -> int:
+def step_flops(cfg, device="cpu") -> int:
+    """FLOPs of one D step + one G step (torch's FlopCounterMode: convolutions and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    nets = build_nets(cfg, "cpu")
-    real = torch.rand(cfg.data.batch_size, cfg.model.channels, 32, 32) * 2 - 1
+    nets = build_nets(cfg, device)
+    real = torch.rand(cfg.data.batch_size, cfg.model.channels, 32, 32, device=device) * 2 - 1
     with FlopCounterMode(display=False) as fc:
         d_step(nets, real, cfg)
-        g_step(nets, cfg.data.batch_size, "cpu", cfg)
+        g_step(nets, cfg.data.batch_size, device, cfg)
     return fc.get_total_flops()
 
 
-def plain_loop(cfg, images: np.ndarray, steps: int, warmup: int = 3) -> float:
-    """img/s of the same D/G steps in one process, no Ray; batches from an in-memory uint8 array."""
-    torch.set_num_threads(THREADS)
-    nets = build_nets(cfg, "cpu")
+def plain_loop(cfg, images: np.ndarray, steps: int, warmup: int = 3, device="cpu", compile: bool = False,
+               threads: int = THREADS) -> float:
+    """img/s of the same D/G steps in one process, no Ray; batches from an in-memory uint8 array,
+    uploaded and converted the way training does (to_device). `compile`: torch.compile G and D."""
+    torch.set_num_threads(threads)
+    nets = build_nets(cfg, device)
+    if compile:
+        nets.G, nets.D = torch.compile(nets.G), torch.compile(nets.D)
     bs = cfg.data.batch_size
     rng = np.random.default_rng(0)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     t0 = None
     for i in range(steps + warmup):
         if i == warmup:
+            sync()
             t0 = time.perf_counter()
-        real = to_float(images[rng.choice(len(images), bs, replace=False)])
-        d_step(nets, real, cfg)
-        g_step(nets, bs, "cpu", cfg)
+        real = to_device(images[rng.choice(len(images), bs, replace=False)], device, cfg.train.channels_last)
+        d_step(nets, real, cfg, i + 1)
+        g_step(nets, bs, device, cfg, i + 1)
         ema_update(nets.G_ema, nets.G, cfg.optim.ema_decay)
+    sync()
     return steps * bs / (time.perf_counter() - t0)
 
 

@@ -187,6 +187,7 @@ def embed_dataset(
         # one read block here, so a second actor would only wait, and Ray Data warns about it).
         n_actors = num_actors or min(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2, len(todo))
         cpus = int(ray.cluster_resources().get("CPU", 1))
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
         print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "
               f"({done_before} already done) with {n_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
         ds = ray.data.read_parquet([str(f) for f in todo], include_paths=True).select_columns([*COLUMNS, "path"])
@@ -197,7 +198,7 @@ def embed_dataset(
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
             # CPU actors share the CPUs with Ray Data's read tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else _cpus_per_actor(cpus, n_actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else _cpus_per_actor(cpus, node_cpus, n_actors),
         )
         writers: dict[str, tuple] = {}  # input path -> (ParquetWriter, tmp path, rows written)
         bar = tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress)
@@ -236,9 +237,11 @@ def embed_dataset(
     return manifest
 
 
-def _cpus_per_actor(cpus: int, n_actors: int) -> float:
-    """Whole CPUs per actor when the node has room (threads = CPUs), else a fair fraction."""
-    share = cpus / (n_actors + 1)
+def _cpus_per_actor(cpus: float, node_cpus: float, n_actors: int) -> float:
+    """An equal share of the cluster's CPUs with one share left for Ray Data's read tasks, never
+    more than half of the largest node (an actor must fit on one node beside reads); whole CPUs
+    when there is room (threads = CPUs), else the fraction."""
+    share = min(cpus / (n_actors + 1), node_cpus / 2)
     return float(int(share)) if share >= 1 else share
 
 

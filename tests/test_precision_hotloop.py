@@ -258,3 +258,46 @@ def test_gradient_penalties_keep_two_ddp_replicas_identical(tmp_path, extra):
                        for p in m.parameters()])
     assert not torch.equal(r0, fresh)  # they trained
     assert torch.equal(r0, r1)  # and stayed bit-identical: every gradient was all-reduced
+
+
+# ---------------------------------------------------------------- embedding actors
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_embedding_actor_threads_follow_its_own_resources(ray_running, untrained_checkpoint, cpus):
+    """Threads from the CPUs Ray gave the actor, not the driver's (or the node's) core count."""
+    import os
+
+    import ray
+
+    from distgan.embed import Embedder
+    from distgan.models import load_state
+
+    def facts_of(embedder):  # runs inside the actor (a local function: Ray ships it by value)
+        import torch as t
+
+        return {"threads": embedder.threads, "torch_threads": t.get_num_threads(), "amp": embedder.amp,
+                "device": str(embedder.device)}
+
+    state = load_state(untrained_checkpoint)
+    actor = ray.remote(num_cpus=cpus)(Embedder).remote(state["D"], state["config"], "multi", "float32", "auto")
+    facts = ray.get(actor.__ray_call__.remote(facts_of))
+    ray.kill(actor)
+    want = min(cpus, os.cpu_count())
+    assert facts == {"threads": want, "torch_threads": want, "amp": "off", "device": "cpu"}  # CPU: fp32
+
+
+def test_embedding_under_bf16_autocast_stays_close_to_fp32(untrained_checkpoint):
+    """The GPU actors infer in bf16 (fp16 before Ampere); the same path on the CPU's bf16
+    autocast gives embeddings within bf16 rounding of fp32 ones."""
+    from distgan.embed import embed_images
+    from distgan.models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
+
+    D, _ = discriminator_from_checkpoint(load_state(untrained_checkpoint))
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1), dtype=np.uint8)
+    D = recalibrate_batchnorm(D, images)
+    ref = embed_images(D, images, "multi")
+    low = embed_images(D, images, "multi", amp="bf16")
+    assert low.dtype == np.float32 and low.shape == ref.shape and not np.array_equal(low, ref)  # bf16 did run
+    cos = (low * ref).sum(1) / (np.linalg.norm(low, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999
