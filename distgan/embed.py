@@ -10,7 +10,6 @@ shards already present, so after a crash only the missing output is redone.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import UserError
-from .data import COLUMNS, decode_images, read_manifest, shard_paths, to_device
+from .data import COLUMNS, actor_cpus, actor_threads, decode_images, read_manifest, shard_paths, to_device
 from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
@@ -39,15 +38,6 @@ def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndar
         take = rng.choice(len(t), size=min(per, len(t)), replace=False)
         out.append(decode_images(t["image"].take(take).to_pylist(), manifest["resolution"], manifest["channels"]))
     return np.concatenate(out)[:n]
-
-
-def actor_threads() -> int:
-    """torch threads for this Ray actor: the CPUs Ray assigned to it (at least 1), not the
-    machine's core count, which every actor on the node would otherwise claim at once."""
-    import ray
-
-    assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
-    return max(1, min(assigned, os.cpu_count() or 1))
 
 
 class Embedder:
@@ -186,8 +176,6 @@ def embed_dataset(
         # Default: one actor per GPU, or 2 on CPUs; never more than input shards (one shard is
         # one read block here, so a second actor would only wait, and Ray Data warns about it).
         n_actors = num_actors or min(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2, len(todo))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
         print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "
               f"({done_before} already done) with {n_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
         ds = ray.data.read_parquet([str(f) for f in todo], include_paths=True).select_columns([*COLUMNS, "path"])
@@ -198,7 +186,7 @@ def embed_dataset(
             batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
             # CPU actors share the CPUs with Ray Data's read tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else _cpus_per_actor(cpus, node_cpus, n_actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else actor_cpus(n_actors),
         )
         writers: dict[str, tuple] = {}  # input path -> (ParquetWriter, tmp path, rows written)
         bar = tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress)
@@ -235,14 +223,6 @@ def embed_dataset(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-def _cpus_per_actor(cpus: float, node_cpus: float, n_actors: int) -> float:
-    """An equal share of the cluster's CPUs with one share left for Ray Data's read tasks, never
-    more than half of the largest node (an actor must fit on one node beside reads); whole CPUs
-    when there is room (threads = CPUs), else the fraction."""
-    share = min(cpus / (n_actors + 1), node_cpus / 2)
-    return float(int(share)) if share >= 1 else share
 
 
 def _match_input(path: str, expected: dict) -> str:

@@ -74,19 +74,13 @@ def cluster_sizes(sizes: list[int]) -> str:
     return _png(fig)
 
 
-def confusion(assignments: Path, class_names: list[str]) -> str | None:
-    """Clusters (rows, ordered by their majority class) against labels (columns)."""
-    import pyarrow.parquet as pq
-
-    t = pq.read_table(assignments, columns=["cluster", "label"])
-    lab = t["label"].fill_null(-1).to_numpy()
-    cl = t["cluster"].to_numpy()
-    known = lab >= 0
-    if not known.any():
+def confusion(cont: list[list[int]] | None, class_names: list[str]) -> str | None:
+    """Clusters (rows, ordered by their majority class) against labels (columns), from the
+    contingency table the clustering stage summed (metrics.json): no per-point read."""
+    cont = np.asarray(cont or [[0]], np.int64)
+    if not cont.sum():
         return None
-    n_cl, n_lab = int(cl.max()) + 1, int(lab[known].max()) + 1
-    cont = np.zeros((n_cl, n_lab), np.int64)
-    np.add.at(cont, (cl[known], lab[known]), 1)
+    n_cl, n_lab = cont.shape
     order = np.lexsort((-cont.max(axis=1), cont.argmax(axis=1)))
     cont = cont[order]
     plt = _figure()
@@ -163,7 +157,7 @@ def write_report(out_dir: str | Path) -> Path:
             figs.append(f"<figure>{_img(_file_b64(d / 'montage.png'), 'montage', 320)}<figcaption>one row per cluster: "
                         "the images nearest its centroid</figcaption></figure>")
         figs.append(f"<figure>{_img(cluster_sizes(m['sizes']), 'cluster sizes')}</figure>")
-        conf = confusion(d / "assignments.parquet", manifest.get("class_names", [])) if (d / "assignments.parquet").is_file() else None
+        conf = confusion(m.get("contingency"), manifest.get("class_names", []))
         if conf:
             figs.append(f"<figure>{_img(conf, 'clusters vs labels')}</figure>")
         parts.append(f"<div class='grid'>{''.join(figs)}</div>")

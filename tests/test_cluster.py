@@ -50,35 +50,131 @@ def test_metrics_agree_with_sklearn_and_hand_examples():
     assert "labels" in K.clustering_metrics(np.full(5, -1), np.arange(5))  # no labels: left out, said so
 
 
-def test_streamed_assignment_equals_in_memory(tmp_path):
-    x, y = _blobs(n_per=150, k=6, d=24, seed=1)
-    m = K.run_clustering(_features(x, y), tmp_path / "c", k=6, preprocess="pca-whiten", pca_dim=8, seed=3, progress=False)
-    streamed = pq.read_table(tmp_path / "c" / "assignments.parquet").to_pandas()
-    # the same fit, everything in memory at once
-    pre = K.fit_preprocess(x, "pca-whiten", 8, seed=3)
-    km = K.kmeans(pre(x), 6, seed=3)
-    c, d = K.assign(km, pre(x))
-    assert streamed["id"].tolist() == list(range(len(x)))
-    assert (streamed["cluster"].to_numpy() == c).all()
-    assert np.allclose(streamed["distance"].to_numpy(), d, atol=1e-5)
-    assert m["inertia"] == pytest.approx(float(d.sum()), rel=1e-5)
-    assert np.allclose(np.load(tmp_path / "c" / "centroids.npy"), km.centroids)
-    assert m["acc"] == 1.0 and sum(m["sizes"]) == len(x)
+def test_contingency_tables_summed_over_blocks_give_sklearns_metrics():
+    """What distributed assignment does: each block's (k x classes) table, summed; no label
+    array in one place. Compared with scikit-learn on the full arrays (unknown labels left out)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics.cluster import contingency_matrix
+
+    rng = np.random.default_rng(1)
+    k, n_classes = 12, 10
+    for trial in range(5):
+        n = int(rng.integers(50, 3000))
+        y = rng.integers(-1, n_classes, n)  # -1: unknown
+        c = np.where(rng.random(n) < 0.6, y.clip(0) % k, rng.integers(0, k - 2, n))  # structure + noise, 2 empty clusters
+        cuts = np.sort(rng.choice(np.arange(1, n), 4, replace=False))
+        table = sum(K.contingency(cb, yb, k, n_classes) for cb, yb in zip(np.split(c, cuts), np.split(y, cuts)))
+        got = K.metrics_from_contingency(table)
+        known = y >= 0
+        yk, ck = y[known], c[known]
+        ref = contingency_matrix(yk, ck)
+        r, cc = linear_sum_assignment(-ref)
+        assert got["labelled_points"] == known.sum()
+        assert got["acc"] == pytest.approx(ref[r, cc].sum() / known.sum())
+        assert got["nmi"] == pytest.approx(normalized_mutual_info_score(yk, ck), abs=1e-12)
+        assert got["ari"] == pytest.approx(adjusted_rand_score(yk, ck), abs=1e-12)
+        assert got["purity"] == pytest.approx(ref.max(axis=0).sum() / known.sum())
+    one = K.metrics_from_contingency(np.array([[5, 0], [0, 0]]))  # one cluster, one class
+    assert one["nmi"] == normalized_mutual_info_score([0] * 5, [0] * 5) and one["ari"] == 1.0
 
 
-def test_k_out_of_range_and_nan(tmp_path):
+def _assignments(out):
+    return pq.read_table(out / "assignments").to_pandas().sort_values("id").reset_index(drop=True)
+
+
+def test_spherical_distances_rank_the_most_similar_point_first(ray_running, tmp_path):
+    """Spherical k-means searches an inner-product index (similarities); distances, inertia and
+    the montage order must still put the point most cosine-similar to its centroid first."""
+    x, y = _blobs(n_per=120, k=4, d=8, seed=2)
+    x *= np.random.default_rng(0).uniform(0.2, 5.0, (len(x), 1)).astype(np.float32)  # norms differ a lot
+    m = K.run_clustering(_features(x, y), tmp_path / "s", k=4, preprocess="none", spherical=True, seed=0, progress=False)
+    df = _assignments(tmp_path / "s")
+    cent = np.load(tmp_path / "s" / "centroids.npy")  # unit vectors
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = (xn * cent[df["cluster"].to_numpy()]).sum(1)
+    np.testing.assert_allclose(df["distance"].to_numpy(), 2 - 2 * cos, atol=1e-4)
+    assert (df["distance"] >= 0).all() and m["inertia"] == pytest.approx(float((2 - 2 * cos).sum()), rel=1e-4)
+    chosen = K.montage_ids(df["id"].to_numpy(), df["cluster"].to_numpy(), df["distance"].to_numpy(), 4, 8)
+    for c in range(4):
+        members = np.flatnonzero(df["cluster"].to_numpy() == c)
+        assert chosen[c, 0] == df["id"].to_numpy()[members[np.argmax(cos[members])]]  # the most similar first
+        assert chosen[c, -1] != df["id"].to_numpy()[members[np.argmin(cos[members])]]  # not the least similar
+    # the montage of the run itself is built from per-block summaries: its first column is the same
+    fit_chosen = K.montage_ids(df["id"].to_numpy(), df["cluster"].to_numpy(), df["distance"].to_numpy(), 4, 1)
+    assert m["sizes"] == np.bincount(df["cluster"], minlength=4).tolist() and fit_chosen.min() >= 0
+
+
+def test_distributed_assignment_equals_single_process(ray_running, tmp_path):
+    """Ray Data actors over many blocks vs one process, on the same fitted centroids and
+    preprocessing: every id exactly once, the same clusters and distances; metrics summed
+    from per-block contingency tables equal scikit-learn's on the full arrays."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    x, y = _blobs(n_per=300, k=6, d=24, seed=1)
+    y = np.where(np.arange(len(y)) % 7 == 0, -1, (y + np.arange(len(y)) % 3 * (np.arange(len(y)) % 11 == 0)) % 6)
+    feats = _features(x, y, batch=97)  # 19 blocks
+    m = K.run_clustering(feats, tmp_path / "c", k=6, preprocess="pca-whiten", pca_dim=8, seed=3, actors=2,
+                         progress=False)
+    got = _assignments(tmp_path / "c")
+    assert got["id"].tolist() == list(range(len(x)))  # every id exactly once
+    cent = np.load(tmp_path / "c" / "centroids.npy")
+    pz = np.load(tmp_path / "c" / "preprocess.npz")
+    pre = K.Preprocess(str(pz["method"]), pz["mean"], pz["proj"])
+    c, d = K.search(K.centroid_index(cent, spherical=False), pre(x))  # single process
+    assert (got["cluster"].to_numpy() == c).all()
+    np.testing.assert_allclose(got["distance"].to_numpy(), d, rtol=1e-5, atol=1e-5)
+    assert m["inertia"] == pytest.approx(float(d.astype(np.float64).sum()), rel=1e-5)
+    assert sum(m["sizes"]) == len(x) and m["trained_on"] == len(x)
+    known = y >= 0
+    assert m["nmi"] == pytest.approx(normalized_mutual_info_score(y[known], c[known]))
+    assert m["ari"] == pytest.approx(adjusted_rand_score(y[known], c[known]))
+    assert m["labelled_points"] == known.sum()
+    assert [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_fit_samples_and_faiss_threads_follow_the_task(ray_running, tmp_path):
+    """The fit task trains on --sample points with faiss's OpenMP threads set to its CPUs."""
+    import os
+
+    import ray
+
+    x, y = _blobs(n_per=300, k=4, d=8)
+    centroids, pre, info = K.fit_remote(_features(x, y), 4, "l2", 8, 10, 1, False, 500, 0)
+    assert centroids.shape == (4, 8) and info["trained_on"] == 500
+    want = min(int(max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])), os.cpu_count())
+    assert info["threads"] == want
+
+    @ray.remote(num_cpus=1)
+    def threads_in_a_one_cpu_task():
+        import faiss
+
+        return K.set_faiss_threads(), faiss.omp_get_max_threads()
+
+    assert ray.get(threads_in_a_one_cpu_task.remote()) == (1, 1)
+
+
+def test_k_sample_and_gpus_out_of_range_and_nan(ray_running, tmp_path):
     x, y = _blobs(n_per=3, k=2)
-    with pytest.raises(UserError, match="between 2 and the number of points"):
+    with pytest.raises(UserError, match="between 2 and the k-means sample"):
         K.run_clustering(_features(x, y), tmp_path / "a", k=7, progress=False)
     with pytest.raises(UserError, match="between 2"):
         K.run_clustering(_features(x, y), tmp_path / "b", k=1, progress=False)
+    with pytest.raises(UserError, match="--sample must be between 1 and the number of points \\(6\\)"):
+        K.run_clustering(_features(x, y), tmp_path / "b", k=2, sample=7, progress=False)
+    with pytest.raises(UserError, match="--k must be between 2 and the k-means sample \\(3 of 6 points\\)"):
+        K.run_clustering(_features(x, y), tmp_path / "b", k=4, sample=3, progress=False)
+    with pytest.raises(UserError, match="--gpus 64: no node of this cluster has 64 GPUs"):
+        K.run_clustering(_features(x, y), tmp_path / "b", k=2, gpus=64, progress=False)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
     x[1, 2] = np.nan
     x[4, :2] = np.inf
-    with pytest.raises(UserError, match="3 non-finite values .* in 2 rows"):
+    with pytest.raises(UserError, match="non-finite"):
         K.run_clustering(_features(x, y), tmp_path / "c", k=2, progress=False)
+    assert not (tmp_path / "c" / "assignments").exists()
 
 
-def test_no_labels_leaves_label_metrics_out(tmp_path, capsys):
+def test_no_labels_leaves_label_metrics_out(ray_running, tmp_path, capsys):
     x, _ = _blobs(n_per=20, k=3)
     m = K.run_clustering(_features(x, np.full(len(x), -1)), tmp_path / "c", k=3, preprocess="l2", progress=False)
     assert "acc" not in m and "need labels" in m["labels"]
@@ -143,14 +239,17 @@ def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, 
 def test_cluster_and_probe_cli_on_embeddings(embedded, fake_dir, tmp_path, capsys):
     out, _ = embedded
     assert main(["cluster", "--embeddings", str(out), "--k", "10", "--out", str(tmp_path / "c"), "--data", str(fake_dir)]) == 0
-    for f in ("assignments.parquet", "centroids.npy", "metrics.json", "montage.png"):
+    for f in ("centroids.npy", "preprocess.npz", "metrics.json", "montage.png"):
         assert (tmp_path / "c" / f).is_file()
     metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
     assert {"k", "n", "inertia", "sizes", "acc", "nmi", "ari", "purity"} <= set(metrics) and metrics["n"] == 400
     import pandas as pd
 
-    df = pd.read_parquet(tmp_path / "c" / "assignments.parquet")
+    df = pd.read_parquet(tmp_path / "c" / "assignments")  # a folder of shards: pandas and Ray Data read it
     assert list(df.columns) == ["id", "cluster", "distance", "label"] and len(df) == 400
+    import ray.data
+
+    assert ray.data.read_parquet(str(tmp_path / "c" / "assignments")).count() == 400
     assert main(["probe", "--embeddings", str(out), "--baselines", "--out", str(tmp_path / "p")]) == 0
     rows = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert [r["method"] for r in rows] == ["logistic regression", "logistic regression", "linear SVM", "random forest", "k-NN (k=5)"]
@@ -181,7 +280,7 @@ def test_embed_rejects_a_non_distgan_checkpoint(tmp_path, fake_dir, capsys):
 
 def test_cluster_cli_bad_k(capsys, fake_dir, tmp_path):
     code = main(["cluster", "--pixels", str(fake_dir), "--k", "1000", "--out", str(tmp_path / "c")])
-    assert code == 2 and "between 2 and the number of points (400)" in capsys.readouterr().err
+    assert code == 2 and "between 2 and the k-means sample (400 of 400 points)" in capsys.readouterr().err
     assert not (tmp_path / "c" / "metrics.json").exists()
 
 
@@ -189,7 +288,7 @@ def test_cluster_cli_bad_k(capsys, fake_dir, tmp_path):
 
 
 @pytest.mark.realdata
-def test_raw_pixel_kmeans_on_mnist_test_set(tmp_path, datasets_root):
+def test_raw_pixel_kmeans_on_mnist_test_set(ray_running, tmp_path, datasets_root):
     from distgan.data import prepare
 
     prepare("mnist", tmp_path / "mnist", data_root=datasets_root, split="test", progress=False)

@@ -26,9 +26,9 @@ def test_pipeline_writes_every_artifact(pipeline_dir):
     out = pipeline_dir
     expected = [
         "data/dataset.json", "runs/gan/metrics.jsonl", "embeddings/embeddings.json",
-        "clusters/embeddings/assignments.parquet", "clusters/embeddings/centroids.npy",
+        "clusters/embeddings/centroids.npy",
         "clusters/embeddings/metrics.json", "clusters/embeddings/montage.png",
-        "clusters/pixels/assignments.parquet", "clusters/pixels/metrics.json", "clusters/pixels/montage.png",
+        "clusters/pixels/metrics.json", "clusters/pixels/montage.png",
         "probe/probe.json", "probe/probe.md", "report.html", "pipeline.json",
     ]
     for rel in expected:

@@ -78,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--niter", type=int, default=20)
     s.add_argument("--nredo", type=int, default=1)
     s.add_argument("--spherical", action="store_true")
-    s.add_argument("--sample", type=int, default=0, help="train k-means on N sampled points (0: all)")
+    s.add_argument("--sample", type=int, default=0,
+                   help="train k-means on N sampled points (default: all up to 100k, else max(100k, 256 per centroid))")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--gpus", type=int, default=0, help="faiss on N GPUs of one node (and GPU assignment actors)")
+    s.add_argument("--actors", type=int, default=0, help="assignment actors (default: 2 on CPUs, one per GPU)")
     add_embed_flags(s)
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--smoke-test", action="store_true", help="generated data and an untrained D, in seconds")

@@ -80,16 +80,20 @@ def _cluster_features(args):
 
 
 def cmd_cluster(args) -> None:
-    from ..cluster import run_clustering
+    from ..cluster import check_request, run_clustering
+    from ..data import init_ray
 
     if args.smoke_test:
         smoke_inputs(args)
     feats = _cluster_features(args)
+    check_request(feats.count, args.k, args.sample, args.gpus)  # before Ray starts
+    init_ray()
     m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim, niter=args.niter,
                        nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
-                       data=args.data or args.pixels, overwrite=args.overwrite or bool(args.checkpoint))
+                       data=args.data or args.pixels, overwrite=args.overwrite or bool(args.checkpoint),
+                       gpus=args.gpus, actors=args.actors)
     print_cluster_metrics(m)
-    print(f"outputs: {args.out}/assignments.parquet, centroids.npy, metrics.json"
+    print(f"outputs: {args.out}/assignments/ (Parquet shards), centroids.npy, preprocess.npz, metrics.json"
           + (", montage.png" if (Path(args.out) / "montage.png").exists() else ""))
 
 

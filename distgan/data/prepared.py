@@ -283,6 +283,27 @@ def save_grid(images_u8: np.ndarray, path: str | Path, nrow: int = 8) -> None:
     save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
 
 
+def actor_threads() -> int:
+    """Threads for this Ray task or actor: the CPUs Ray assigned to it (at least 1, at most
+    the machine's cores), not the node's core count, which every actor would claim at once."""
+    import ray
+
+    assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
+    return max(1, min(assigned, os.cpu_count() or 1))
+
+
+def actor_cpus(n_actors: int) -> float:
+    """CPUs for each of n CPU actors of a Ray Data pool: an equal share of the cluster's CPUs
+    with one share left for the read tasks, never more than half of the largest node (an
+    actor must fit on one node beside reads); whole CPUs when there is room (threads = CPUs)."""
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 1)
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    share = min(cpus / (n_actors + 1), node_cpus / 2)
+    return float(int(share)) if share >= 1 else share
+
+
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 

@@ -1,0 +1,189 @@
+"""k-means off the driver. A Ray task (sized by --gpus, else CPUs) fits the preprocessing
+and faiss k-means on a sample; Ray Data actors that hold the centroids assign every point
+and Ray Data's writer stores the assignments as Parquet shards; one summary per block
+(a k x classes contingency table, cluster sizes, inertia, each cluster's nearest points)
+is summed on the driver. The driver holds centroids and summaries only: its memory is
+flat in the number of points."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..config import UserError
+from ..data import actor_cpus, actor_threads
+from .features import Features, block_labels, block_x, collect
+from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
+from .metrics import contingency
+
+ASSIGN_BATCH = 65536  # rows per actor call: large enough for faiss's GEMM path, small in memory
+
+
+def default_sample(count: int, k: int) -> int:
+    """k-means sample when --sample is not given: every point up to 100k, else 256 per
+    centroid (faiss's own max_points_per_centroid) but at least 100k."""
+    return min(count, max(100_000, 256 * k))
+
+
+def set_faiss_threads() -> int:
+    """faiss's OpenMP threads = the CPUs Ray assigned to this task or actor (the processes
+    inherit OMP_NUM_THREADS=1 from Ray otherwise, or every actor takes every core)."""
+    import faiss
+
+    n = actor_threads()
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def max_node_gpus() -> int:
+    import ray
+
+    return int(max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+
+
+def _fit(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
+         sample: int, seed: int, gpus: int) -> dict:
+    """The Ray task: sample -> preprocessing -> faiss k-means. Returns plain arrays."""
+    threads = set_faiss_threads()
+    t = time.perf_counter()
+    _, _, _, x = collect(features, limit=sample, seed=seed)  # streams the source, keeps the sample only
+    pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
+    x = pre(x)
+    km = kmeans(x, k, niter, nredo, spherical, seed, gpu=gpus if gpus else False)
+    return {"centroids": np.asarray(km.centroids, np.float32), "method": pre.method, "mean": pre.mean, "proj": pre.proj,
+            "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads, "node": os.uname().nodename}
+
+
+def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
+               sample: int, seed: int, gpus: int = 0) -> tuple[np.ndarray, Preprocess, dict]:
+    """Run `_fit` in a fresh worker process (max_calls=1: no OpenMP state left by torch in a
+    reused worker) with all of one node's CPUs, or `gpus` GPUs of one node."""
+    import ray
+
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(node_cpus)), num_gpus=gpus)
+    r = ray.get(task.remote(features, k, preprocess, pca_dim, niter, nredo, spherical, sample, seed, gpus))
+    return r["centroids"], Preprocess(r["method"], r["mean"], r["proj"]), r
+
+
+class Assigner:
+    """Ray Data actor: holds the preprocessing and a faiss index over the centroids, built
+    once; each call maps a block to (id, cluster, distance, label)."""
+
+    def __init__(self, centroids: np.ndarray, pre: Preprocess, spherical: bool, kind: str, dim: int, gpu: bool):
+        self.threads = set_faiss_threads()
+        self.index = centroid_index(centroids, spherical, gpu)
+        self.pre, self.kind, self.dim = pre, kind, dim
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        x = block_x(table, self.kind, self.dim)
+        c, d = search(self.index, self.pre(x))
+        bad = ~np.isfinite(x).all(axis=1)
+        if bad.any():  # counted by `summarize`; the driver refuses the output with one line
+            c, d = np.where(bad, -1, c), np.where(bad, np.float32(0), d)
+        return pa.table({"id": table.column("id").cast(pa.int64()), "cluster": pa.array(c.astype(np.int32)),
+                         "distance": pa.array(d), "label": table.column("label").cast(pa.int32())})
+
+
+def summarize(table, k: int, per_cluster: int):
+    """One row per block: contingency (k x classes in this block), sizes, inertia and each
+    cluster's `per_cluster` nearest (id, distance), all as raw bytes."""
+    import pyarrow as pa
+
+    c = table.column("cluster").to_numpy()
+    bad = c < 0  # rows with non-finite features (Assigner)
+    keep = ~bad
+    c, d = c[keep], table.column("distance").to_numpy()[keep]
+    ids, lab = table.column("id").to_numpy()[keep], block_labels(table)[keep]
+    n_classes = int(lab.max()) + 1 if (lab >= 0).any() else 1
+    order = np.lexsort((d, c))  # by cluster, then distance
+    starts = np.searchsorted(c[order], np.arange(k))
+    top_ids = np.full((k, per_cluster), -1, np.int64)
+    top_d = np.full((k, per_cluster), np.inf, np.float32)
+    for j, (lo, hi) in enumerate(zip(starts, np.append(starts[1:], len(c)))):
+        take = order[lo : min(hi, lo + per_cluster)]
+        top_ids[j, : len(take)], top_d[j, : len(take)] = ids[take], d[take]
+    return pa.table({
+        "n": [len(c) + int(bad.sum())], "bad": [int(bad.sum())], "n_classes": [n_classes],
+        "cont": [contingency(c, lab, k, n_classes).tobytes()], "sizes": [np.bincount(c, minlength=k).tobytes()],
+        "inertia": [float(d.astype(np.float64).sum())], "top_ids": [top_ids.tobytes()], "top_d": [top_d.tobytes()],
+    })
+
+
+class Totals:
+    """Summaries merged on the driver: O(k x classes + k x per_cluster) memory."""
+
+    def __init__(self, k: int, per_cluster: int):
+        self.k, self.m = k, per_cluster
+        self.n, self.bad, self.inertia = 0, 0, 0.0
+        self.cont = np.zeros((k, 1), np.int64)
+        self.sizes = np.zeros(k, np.int64)
+        self.top_ids = np.full((k, per_cluster), -1, np.int64)
+        self.top_d = np.full((k, per_cluster), np.inf, np.float32)
+
+    def add(self, row: dict) -> None:
+        k, m = self.k, self.m
+        cont = np.frombuffer(row["cont"], np.int64).reshape(k, row["n_classes"])
+        if cont.shape[1] > self.cont.shape[1]:
+            self.cont = np.pad(self.cont, ((0, 0), (0, cont.shape[1] - self.cont.shape[1])))
+        self.cont[:, : cont.shape[1]] += cont
+        self.sizes += np.frombuffer(row["sizes"], np.int64)
+        self.n += int(row["n"])
+        self.bad += int(row["bad"])
+        self.inertia += float(row["inertia"])
+        ids = np.concatenate([self.top_ids, np.frombuffer(row["top_ids"], np.int64).reshape(k, m)], axis=1)
+        d = np.concatenate([self.top_d, np.frombuffer(row["top_d"], np.float32).reshape(k, m)], axis=1)
+        keep = np.argsort(d, axis=1, kind="stable")[:, :m]
+        self.top_ids, self.top_d = np.take_along_axis(ids, keep, 1), np.take_along_axis(d, keep, 1)
+
+
+def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spherical: bool, out_dir: str,
+               actors: int = 0, gpus: int = 0, per_cluster: int = 8, progress: bool = True) -> Totals:
+    """Assign every point with an actor pool, write the shards into `out_dir` (Ray Data's
+    Parquet writer), then sum the per-block summaries read back from them."""
+    import ray
+    import ray.data
+    from tqdm import tqdm
+
+    k = len(centroids)
+    ds = features.dataset()
+    n_actors = actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2)
+    ds = ds.map_batches(
+        Assigner, fn_constructor_kwargs={"centroids": centroids, "pre": pre, "spherical": spherical,
+                                         "kind": features.kind, "dim": features.dim, "gpu": bool(gpus)},
+        batch_size=ASSIGN_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
+    )
+    print(f"assigning {features.count} points with {n_actors} {'GPU' if gpus else 'CPU'} actor(s)")
+    ds.write_parquet(out_dir)
+    totals = Totals(k, per_cluster)
+    summaries = ray.data.read_parquet(out_dir).map_batches(
+        summarize, fn_kwargs={"k": k, "per_cluster": per_cluster}, batch_size=None, batch_format="pyarrow")
+    with tqdm(total=features.count, unit="pt", desc="metrics", disable=not progress) as bar:
+        for row in summaries.iter_rows():
+            totals.add(row)
+            bar.update(int(row["n"]))
+    if totals.n != features.count:
+        raise RuntimeError(f"assignment wrote {totals.n} rows for {features.count} points")
+    return totals
+
+
+def check_request(count: int, k: int, sample: int, gpus: int = 0) -> int:
+    """The checks that need no Ray, before anything starts; returns the sample size to train on."""
+    if sample < 0 or sample > count:
+        raise UserError(f"--sample must be between 1 and the number of points ({count}), got {sample}")
+    size = sample or default_sample(count, k)
+    if k < 2 or k > size:
+        raise UserError(f"--k must be between 2 and the k-means sample ({size} of {count} points), got {k}")
+    if gpus < 0:
+        raise UserError(f"--gpus must be >= 0, got {gpus}")
+    return size
+
+
+def check_gpus(gpus: int) -> None:
+    """--gpus against the cluster (one question to Ray): faiss trains on the GPUs of one node."""
+    if gpus and gpus > max_node_gpus():
+        raise UserError(f"--gpus {gpus}: no node of this cluster has {gpus} GPUs (the most on one node: {max_node_gpus()})")
