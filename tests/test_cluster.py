@@ -253,8 +253,18 @@ def test_cluster_and_probe_cli_on_embeddings(embedded, fake_dir, tmp_path, capsy
     assert main(["probe", "--embeddings", str(out), "--baselines", "--out", str(tmp_path / "p")]) == 0
     rows = json.loads((tmp_path / "p" / "probe.json").read_text())
     assert [r["method"] for r in rows] == ["logistic regression", "logistic regression", "linear SVM", "random forest", "k-NN (k=5)"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows) and rows[0]["test"] == 80
+    assert rows[0]["test"] == 80 and rows[0]["train"] == 320  # 400 images: all of both splits (under the caps)
+    assert min(r["accuracy"] for r in rows[1:]) > 0.3, rows  # the pixel baselines learn the fake classes (chance: 0.1)
     assert "| accuracy |" in (tmp_path / "p" / "probe.md").read_text()
+
+
+def test_probe_runs_on_a_bounded_sample_and_says_so(embedded, ray_running, fake_dir):
+    from distgan.cluster import embedding_features, probe_remote, probe_table
+
+    out, _ = embedded
+    rows = probe_remote(embedding_features(out), fake_dir, max_train=100, max_test=30)
+    assert [(r["train"], r["test"], r["train_of"], r["test_of"]) for r in rows] == [(100, 30, 320, 80)] * 5
+    assert "On a uniform sample: 100 of 320 train and 30 of 80 test images" in probe_table(rows)
 
 
 def test_ids_that_do_not_match_the_dataset(embedded, tmp_path, capsys):

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--baselines", action="store_true", help="add linear SVM, random forest and k-NN on raw pixels")
     s.add_argument("--data", help="prepared dataset for the baselines (default: the one embedded)")
     s.add_argument("--out", help="where probe.json and probe.md go (default: EMBEDDINGS/probe)")
-    s.add_argument("--max-train", type=int, default=0, help="subsample the train split (0: all)")
+    s.add_argument("--max-train", type=int, default=50_000, help="uniform sample of the train split (0: all)")
+    s.add_argument("--max-test", type=int, default=10_000, help="uniform sample of the test split (0: all)")
     s.set_defaults(fn=cmd_probe)
     return p
 

@@ -98,15 +98,18 @@ def cmd_cluster(args) -> None:
 
 
 def cmd_probe(args) -> None:
-    from ..cluster import embedding_features, linear_probe, pixel_baselines, probe_table
+    from ..cluster import embedding_features, probe_remote, probe_table
+    from ..data import init_ray
 
     feats = embedding_features(args.embeddings)
-    rows = [linear_probe(feats, max_train=args.max_train)]
-    if args.baselines:
-        data = args.data or feats.data
-        if not data:
-            raise UserError("--baselines needs the prepared dataset: pass --data DIR")
-        rows += pixel_baselines(data, max_train=args.max_train)
+    data = (args.data or feats.data) if args.baselines else None
+    if args.baselines and not data:
+        raise UserError("--baselines needs the prepared dataset: pass --data DIR")
+    for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0 (0: all), got {value}")
+    init_ray()
+    rows = probe_remote(feats, data, max_train=args.max_train, max_test=args.max_test)
     out = Path(args.out or Path(args.embeddings) / "probe")
     out.mkdir(parents=True, exist_ok=True)
     (out / "probe.json").write_text(json.dumps(rows, indent=2))

@@ -17,7 +17,7 @@ PIPELINE_DEFAULTS = {
 }
 def cmd_pipeline(args) -> None:
     """prepare -> train -> embed -> cluster (embeddings and raw pixels) -> probe -> report."""
-    from ..cluster import embedding_features, linear_probe, pixel_baselines, pixel_features, probe_table, run_clustering
+    from ..cluster import embedding_features, pixel_features, probe_remote, probe_table, run_clustering
     from ..data import init_ray, prepare, read_manifest
     from ..embed import embed_dataset
     from ..report import write_report
@@ -68,7 +68,7 @@ def cmd_pipeline(args) -> None:
     print("[5/6] linear probe on the embeddings, classic baselines on raw pixels")
     rows = []
     if len(manifest["class_names"]) and set(manifest["split_counts"]) >= {"train", "test"}:
-        rows = [linear_probe(embedding_features(emb))] + pixel_baselines(data)
+        rows = probe_remote(embedding_features(emb), data)  # a Ray task, on bounded samples of each split
         (out / "probe").mkdir(exist_ok=True)
         (out / "probe" / "probe.json").write_text(json.dumps(rows, indent=2))
         (out / "probe" / "probe.md").write_text(probe_table(rows))

@@ -1,4 +1,7 @@
-"""Linear probe on embeddings and the classic baselines on raw pixels (scikit-learn)."""
+"""Linear probe on embeddings and the classic baselines on raw pixels (scikit-learn), on a
+bounded sample of each split by default (`MAX_TRAIN`, `MAX_TEST`: what scikit-learn fits
+in minutes and in memory), run in a Ray task by `probe_remote` so the driver holds none
+of it."""
 from __future__ import annotations
 
 import time
@@ -8,15 +11,39 @@ from typing import Callable
 import numpy as np
 
 from ..config import UserError
-from .features import Batch, Features, collect, pixel_features
+from .features import Features, pixel_features
 
-def _split_xy(points: Batch):
-    ids, labels, splits, x = points
-    known = labels >= 0
-    tr, te = known & (splits == "train"), known & (splits == "test")
-    if not tr.any() or not te.any():
-        raise UserError("the probe needs labelled images in both the train and the test split")
-    return x[tr], labels[tr], x[te], labels[te]
+MAX_TRAIN, MAX_TEST = 50_000, 10_000
+
+
+def sample_splits(features: Features, max_train: int = MAX_TRAIN, max_test: int = MAX_TEST, seed: int = 0):
+    """Labelled train and test points, each split a uniform sample of at most max_* rows
+    (0: all), streamed: every row draws a random key and each split keeps the rows with the
+    smallest keys seen so far, so memory holds the sample and one batch. Returns
+    (xtr, ytr, xte, yte, seen), seen = labelled points of each split before sampling."""
+    rng = np.random.default_rng(seed)
+    kept = {name: (np.zeros((0, features.dim), np.float32), np.zeros(0, np.int32), np.zeros(0)) for name in ("train", "test")}
+    seen = {"train": 0, "test": 0}
+    for _, labels, splits, x in features.batches():
+        keys = rng.random(len(labels))
+        for name, cap in (("train", max_train), ("test", max_test)):
+            sel = (labels >= 0) & (splits == name)
+            seen[name] += int(sel.sum())
+            kx, ky, kk = kept[name]
+            kx, ky, kk = np.concatenate([kx, x[sel]]), np.concatenate([ky, labels[sel]]), np.concatenate([kk, keys[sel]])
+            if cap and len(kk) > cap:
+                top = np.argpartition(kk, cap - 1)[:cap]
+                kx, ky, kk = kx[top], ky[top], kk[top]
+            kept[name] = (kx, ky, kk)
+    out = []
+    for name in ("train", "test"):
+        x, y, _ = kept[name]
+        if not len(y):
+            raise UserError("the probe needs labelled images in both the train and the test split")
+        if not np.isfinite(x).all():
+            raise UserError("features contain non-finite values (NaN/Inf); re-embed from a finite checkpoint")
+        out += [x, y]
+    return (*out, seen)
 
 
 def _fit_score(model, xtr, ytr, xte, yte) -> dict:
@@ -60,32 +87,50 @@ BASELINES: dict[str, Callable] = {
 }
 
 
-def linear_probe(features: Features, max_train: int = 0, seed: int = 0) -> dict:
-    """Logistic regression on the train split's features, accuracy on the test split."""
-    xtr, ytr, xte, yte = _split_xy(collect(features))
-    xtr, ytr = _subsample(xtr, ytr, max_train, seed)
+def linear_probe(features: Features, max_train: int = MAX_TRAIN, seed: int = 0, max_test: int = MAX_TEST) -> dict:
+    """Logistic regression on (a sample of) the train split's features, accuracy on (a sample of) the test split."""
+    xtr, ytr, xte, yte, seen = sample_splits(features, max_train, max_test, seed)
     return {"method": "logistic regression", "features": features.description, "train": len(ytr), "test": len(yte),
-            **_fit_score(_logreg(), xtr, ytr, xte, yte)}
+            "train_of": seen["train"], "test_of": seen["test"], **_fit_score(_logreg(), xtr, ytr, xte, yte)}
 
 
-def _subsample(x, y, n, seed):
-    if n and n < len(y):
-        keep = np.random.default_rng(seed).choice(len(y), n, replace=False)
-        return x[keep], y[keep]
-    return x, y
-
-
-def pixel_baselines(data: str | Path, max_train: int = 0, seed: int = 0) -> list[dict]:
-    """The classic methods on raw pixels of the same train/test split."""
+def pixel_baselines(data: str | Path, max_train: int = MAX_TRAIN, seed: int = 0, max_test: int = MAX_TEST) -> list[dict]:
+    """The classic methods on raw pixels of the same (sampled) train/test split."""
     feats = pixel_features(data)
-    xtr, ytr, xte, yte = _split_xy(collect(feats))
-    xtr, ytr = _subsample(xtr, ytr, max_train, seed)
+    xtr, ytr, xte, yte, seen = sample_splits(feats, max_train, max_test, seed)
     return [{"method": name, "features": feats.description, "train": len(ytr), "test": len(yte),
-             **_fit_score(make(), xtr, ytr, xte, yte)} for name, make in BASELINES.items()]
+             "train_of": seen["train"], "test_of": seen["test"], **_fit_score(make(), xtr, ytr, xte, yte)}
+            for name, make in BASELINES.items()]
+
+
+def _probe_task(features: Features | None, data: str | None, max_train: int, max_test: int, seed: int) -> list[dict]:
+    from ..data import actor_threads
+
+    import threadpoolctl
+
+    with threadpoolctl.threadpool_limits(actor_threads()):  # BLAS/OpenMP threads = the task's CPUs
+        rows = [linear_probe(features, max_train, seed, max_test)] if features is not None else []
+        return rows + (pixel_baselines(data, max_train, seed, max_test) if data else [])
+
+
+def probe_remote(features: Features | None, data: str | Path | None = None, max_train: int = MAX_TRAIN,
+                 max_test: int = MAX_TEST, seed: int = 0) -> list[dict]:
+    """The probe (on `features`) and the pixel baselines (on `data`) in one Ray task with all
+    of one node's CPUs, so the driver holds neither the sample nor the models."""
+    import ray
+
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    task = ray.remote(max_calls=1)(_probe_task).options(num_cpus=max(1, int(node_cpus)))
+    return ray.get(task.remote(features, str(data) if data else None, max_train, max_test, seed))
 
 
 def probe_table(rows: list[dict]) -> str:
     lines = ["| features | method | train | test | accuracy | seconds |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['features']} | {r['method']} | {r['train']} | {r['test']} | {r['accuracy']:.4f} | {r['seconds']} |")
+    sampled = [r for r in rows if r.get("train_of", r["train"]) > r["train"] or r.get("test_of", r["test"]) > r["test"]]
+    if sampled:
+        r = sampled[0]
+        lines.append(f"\nOn a uniform sample: {r['train']} of {r['train_of']} train and {r['test']} of {r['test_of']} "
+                     "test images (--max-train / --max-test; 0 = all).")
     return "\n".join(lines) + "\n"
