@@ -174,6 +174,25 @@ def test_k_sample_and_gpus_out_of_range_and_nan(ray_running, tmp_path):
     assert not (tmp_path / "c" / "assignments").exists()
 
 
+def test_embeddings_whose_width_differs_between_shards_are_refused(tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "emb"
+    out.mkdir()
+    for i, dim in enumerate((16, 16, 24)):  # the third shard came from another run
+        x = np.zeros((5, dim), np.float32)
+        pq.write_table(pa.table({"id": np.arange(5) + 5 * i, "label": pa.array([0] * 5, pa.int32()), "split": ["train"] * 5,
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)}),
+                       out / f"emb-{i}.parquet")
+    (out / "embeddings.json").write_text(json.dumps({"count": 15, "dim": 16, "shards": [f"emb-{i}.parquet" for i in range(3)],
+                                                     "arch": "dcgan", "features": "last", "step": 0}))
+    code = main(["cluster", "--embeddings", str(out), "--k", "2", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "emb-2.parquet holds 24-d vectors but embeddings.json says 16-d" in err[0]
+    assert not (tmp_path / "c").exists()
+    shutil.rmtree(out)
+
+
 def test_no_labels_leaves_label_metrics_out(ray_running, tmp_path, capsys):
     x, _ = _blobs(n_per=20, k=3)
     m = K.run_clustering(_features(x, np.full(len(x), -1)), tmp_path / "c", k=3, preprocess="l2", progress=False)
@@ -306,3 +325,57 @@ def test_raw_pixel_kmeans_on_mnist_test_set(ray_running, tmp_path, datasets_root
                          niter=50, seed=0, progress=False)
     assert m["n"] == 10000
     assert 0.45 <= m["nmi"] <= 0.56, m  # where raw pixels are known to land (about 0.51)
+
+
+# ---------------------------------------------------------------- scale: the driver stays flat
+
+_FLAT_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+from distgan.data import init_ray
+from distgan.cluster import embedding_features, run_clustering
+
+def hwm_kib():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+
+def write(n, out, dim=128):
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for i, start in enumerate(range(0, n, 100_000)):
+        m = min(100_000, n - start)
+        x = rng.normal(0, 1, (m, dim)).astype(np.float16)
+        pq.write_table(pa.table({"id": np.arange(start, start + m), "label": pa.array(np.arange(m) % 10, pa.int32()),
+                                 "split": ["train"] * m,
+                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim)}),
+                       out / f"emb-{i}.parquet")
+        shards.append(f"emb-{i}.parquet")
+    (out / "embeddings.json").write_text(json.dumps({"count": n, "dim": dim, "shards": shards, "arch": "synthetic",
+                                                     "features": "none", "step": 0, "data": None}))
+    return out
+
+root = Path(sys.argv[1])
+small, large = write(20_000, root / "small"), write(600_000, root / "large")
+init_ray()
+peaks = []
+for name, path in (("small", small), ("large", large)):
+    run_clustering(embedding_features(path), root / f"out-{name}", 10, preprocess="none", sample=20_000, progress=False)
+    peaks.append(hwm_kib())
+print("PEAKS", *peaks)
+"""
+
+
+@pytest.mark.slow
+def test_driver_memory_stays_flat_as_points_grow(tmp_path):
+    """30x the points (20k -> 600k, 128-d): the driver's peak RSS may not grow by more than
+    40 MiB. Holding the large set's vectors as float32 alone would take 293 MiB."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "flat.py"
+    script.write_text(_FLAT_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    small, large = (int(v) for v in next(l for l in proc.stdout.splitlines() if l.startswith("PEAKS")).split()[1:])
+    assert (large - small) / 1024 < 40, (small, large)

@@ -270,7 +270,7 @@ def test_embedding_actor_threads_follow_its_own_resources(ray_running, untrained
 
     import ray
 
-    from distgan.embed import Embedder
+    from distgan.embed import ShardEmbedder
     from distgan.models import load_state
 
     def facts_of(embedder):  # runs inside the actor (a local function: Ray ships it by value)
@@ -280,7 +280,7 @@ def test_embedding_actor_threads_follow_its_own_resources(ray_running, untrained
                 "device": str(embedder.device)}
 
     state = load_state(untrained_checkpoint)
-    actor = ray.remote(num_cpus=cpus)(Embedder).remote(state["D"], state["config"], "multi", "float32", "auto")
+    actor = ray.remote(num_cpus=cpus)(ShardEmbedder).remote(state["D"], state["config"], "multi", "float32", "auto")
     facts = ray.get(actor.__ray_call__.remote(facts_of))
     ray.kill(actor)
     want = min(cpus, os.cpu_count())

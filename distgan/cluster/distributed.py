@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import UserError
 from ..data import actor_cpus, actor_threads
-from .features import Features, block_labels, block_x, collect
+from .features import Features, block_labels, block_x
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
 
@@ -42,12 +42,36 @@ def max_node_gpus() -> int:
     return int(max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
 
-def _fit(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
+def sample_dataset(features: Features, sample: int, seed: int):
+    """The k-means sample as a materialized Ray Data dataset: Ray Data's read tasks draw it
+    in parallel across the cluster (`random_sample`, 10% and 20 rows over the size asked,
+    trimmed in the fit task), so neither the driver nor one task reads every point."""
+    ds = features.dataset()
+    if sample < features.count:
+        ds = ds.random_sample(min(1.0, (1.1 * sample + 20) / features.count), seed=seed)
+    return ds.materialize()
+
+
+def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarray:
+    """(sample, dim) float32 from the materialized sample; non-finite rows refused."""
+    parts = [block_x(b, kind, dim) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
+    x = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    if len(x) > sample:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise UserError(f"embeddings contain {int((~finite).sum())} non-finite values (NaN/Inf) in "
+                        f"{int((~finite.all(axis=1)).sum())} rows of the k-means sample; "
+                        "re-embed from a checkpoint that trained without diverging")
+    return x
+
+
+def _fit(ds, kind: str, dim: int, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
          sample: int, seed: int, gpus: int) -> dict:
     """The Ray task: sample -> preprocessing -> faiss k-means. Returns plain arrays."""
     threads = set_faiss_threads()
     t = time.perf_counter()
-    _, _, _, x = collect(features, limit=sample, seed=seed)  # streams the source, keeps the sample only
+    x = _collect_sample(ds, kind, dim, sample, seed)
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
     x = pre(x)
     km = kmeans(x, k, niter, nredo, spherical, seed, gpu=gpus if gpus else False)
@@ -57,13 +81,16 @@ def _fit(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, 
 
 def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
                sample: int, seed: int, gpus: int = 0) -> tuple[np.ndarray, Preprocess, dict]:
-    """Run `_fit` in a fresh worker process (max_calls=1: no OpenMP state left by torch in a
-    reused worker) with all of one node's CPUs, or `gpus` GPUs of one node."""
+    """Draw the sample with Ray Data, then run `_fit` in a fresh worker process (max_calls=1:
+    no OpenMP state left by torch in a reused worker) with all of one node's CPUs, or
+    `gpus` GPUs of one node."""
     import ray
 
+    ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(node_cpus)), num_gpus=gpus)
-    r = ray.get(task.remote(features, k, preprocess, pca_dim, niter, nredo, spherical, sample, seed, gpus))
+    r = ray.get(task.remote(ds, features.kind, features.dim, k, preprocess, pca_dim, niter, nredo, spherical,
+                            sample, seed, gpus))
     return r["centroids"], Preprocess(r["method"], r["mean"], r["proj"]), r
 
 
@@ -119,6 +146,7 @@ class Totals:
     def __init__(self, k: int, per_cluster: int):
         self.k, self.m = k, per_cluster
         self.n, self.bad, self.inertia = 0, 0, 0.0
+        self.seconds_assign = self.seconds_metrics = 0.0
         self.cont = np.zeros((k, 1), np.int64)
         self.sizes = np.zeros(k, np.int64)
         self.top_ids = np.full((k, per_cluster), -1, np.int64)
@@ -158,14 +186,17 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
         num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
     )
     print(f"assigning {features.count} points with {n_actors} {'GPU' if gpus else 'CPU'} actor(s)")
+    t = time.perf_counter()
     ds.write_parquet(out_dir)
     totals = Totals(k, per_cluster)
+    totals.seconds_assign, t = time.perf_counter() - t, time.perf_counter()
     summaries = ray.data.read_parquet(out_dir).map_batches(
         summarize, fn_kwargs={"k": k, "per_cluster": per_cluster}, batch_size=None, batch_format="pyarrow")
     with tqdm(total=features.count, unit="pt", desc="metrics", disable=not progress) as bar:
         for row in summaries.iter_rows():
             totals.add(row)
             bar.update(int(row["n"]))
+    totals.seconds_metrics = time.perf_counter() - t
     if totals.n != features.count:
         raise RuntimeError(f"assignment wrote {totals.n} rows for {features.count} points")
     return totals

@@ -38,13 +38,46 @@ class Features:
     tables: list = field(default_factory=list)  # in-memory pyarrow tables (array_features)
 
     def dataset(self):
-        """A Ray Data dataset of this feature source (only the columns assignment needs)."""
+        """A Ray Data dataset of this feature source (only the columns assignment needs). Files are
+        read by pyarrow in Ray Data tasks, a unit of row groups (about READ_ROWS rows) each:
+        measured here, `ray.data.read_parquet` delivered 63k rows/s of 256-d float16 embeddings
+        where pyarrow reads millions."""
         import ray.data
 
-        column = "embedding" if self.kind == "embedding" else "image"
-        if self.files:
-            return ray.data.read_parquet(self.files, columns=["id", "label", column])
-        return ray.data.from_arrow(self.tables)
+        if not self.files:
+            return ray.data.from_arrow(self.tables)
+        columns = ["id", "label", "embedding" if self.kind == "embedding" else "image"]
+        units = read_units(self.files)
+        return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            _read_units, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow")
+
+
+READ_ROWS = 65536
+
+
+def read_units(files: list[str]) -> list[dict]:
+    """Row-group ranges of about READ_ROWS rows from the files' footers: one Ray Data block each."""
+    import pyarrow.parquet as pq
+
+    units = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        start, rows = 0, 0
+        for g in range(meta.num_row_groups):
+            rows += meta.row_group(g).num_rows
+            if rows >= READ_ROWS or g == meta.num_row_groups - 1:
+                units.append({"file": f, "first": start, "last": g})
+                start, rows = g + 1, 0
+    return units
+
+
+def _read_units(batch, columns: list[str]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.ParquetFile(f.as_py()).read_row_groups(range(first.as_py(), last.as_py() + 1), columns=columns)
+              for f, first, last in zip(batch["file"], batch["first"], batch["last"])]
+    return pa.concat_tables(tables)
 
 
 def block_x(table, kind: str, dim: int) -> np.ndarray:

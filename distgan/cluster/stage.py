@@ -40,7 +40,7 @@ def run_clustering(
           f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}; {features.description}")
     centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus)
     np.save(out / "centroids.npy", centroids)
-    np.savez(out / "preprocess.npz", method=pre.method, spherical=spherical,
+    np.savez(out / "preprocess.npz", method=pre.method, spherical=spherical,  # what the actors apply before search
              **{name: v for name, v in (("mean", pre.mean), ("proj", pre.proj)) if v is not None})
     t_fit = time.perf_counter() - t0
 
@@ -59,7 +59,8 @@ def run_clustering(
         "preprocess": preprocess, "pca_dim": pca_dim if preprocess == "pca-whiten" else None,
         "niter": niter, "nredo": nredo, "spherical": spherical, "trained_on": fit["trained_on"],
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
-        "seconds_fit": round(t_fit, 3), "seconds_total": round(time.perf_counter() - t0, 3),
+        "seconds_fit": round(t_fit, 3), "seconds_assign": round(totals.seconds_assign, 3),
+        "seconds_metrics": round(totals.seconds_metrics, 3), "seconds_total": round(time.perf_counter() - t0, 3),
         **metrics_from_contingency(totals.cont),
         "contingency": totals.cont.tolist(),  # clusters x classes: the confusion matrix of the report
     }
