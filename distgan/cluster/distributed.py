@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from ..config import UserError
-from ..data import actor_cpus, actor_threads
+from ..data import actor_cpus, actor_threads, largest_node
 from .features import Features, block_labels, block_x
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
@@ -34,12 +34,6 @@ def set_faiss_threads() -> int:
     n = actor_threads()
     faiss.omp_set_num_threads(n)
     return n
-
-
-def max_node_gpus() -> int:
-    import ray
-
-    return int(max((n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
 
 def sample_dataset(features: Features, sample: int, seed: int):
@@ -87,8 +81,7 @@ def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter:
     import ray
 
     ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(node_cpus)), num_gpus=gpus)
+    task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
     r = ray.get(task.remote(ds, features.kind, features.dim, k, preprocess, pca_dim, niter, nredo, spherical,
                             sample, seed, gpus))
     return r["centroids"], Preprocess(r["method"], r["mean"], r["proj"]), r
@@ -216,5 +209,6 @@ def check_request(count: int, k: int, sample: int, gpus: int = 0) -> int:
 
 def check_gpus(gpus: int) -> None:
     """--gpus against the cluster (one question to Ray): faiss trains on the GPUs of one node."""
-    if gpus and gpus > max_node_gpus():
-        raise UserError(f"--gpus {gpus}: no node of this cluster has {gpus} GPUs (the most on one node: {max_node_gpus()})")
+    most = int(largest_node("GPU")) if gpus else 0
+    if gpus > most:
+        raise UserError(f"--gpus {gpus}: no node of this cluster has {gpus} GPUs (the most on one node: {most})")

@@ -119,8 +119,9 @@ def probe_remote(features: Features | None, data: str | Path | None = None, max_
     of one node's CPUs, so the driver holds neither the sample nor the models."""
     import ray
 
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    task = ray.remote(max_calls=1)(_probe_task).options(num_cpus=max(1, int(node_cpus)))
+    from ..data import largest_node
+
+    task = ray.remote(max_calls=1)(_probe_task).options(num_cpus=max(1, int(largest_node("CPU"))))
     return ray.get(task.remote(features, str(data) if data else None, max_train, max_test, seed))
 
 

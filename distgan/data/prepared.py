@@ -292,6 +292,14 @@ def actor_threads() -> int:
     return max(1, min(assigned, os.cpu_count() or 1))
 
 
+def largest_node(resource: str = "CPU") -> float:
+    """The most of `resource` (CPU, GPU) that one live node of the Ray cluster has: what a task
+    that must fit on one node can ask for."""
+    import ray
+
+    return max((n["Resources"].get(resource, 0) for n in ray.nodes() if n.get("Alive")), default=0)
+
+
 def actor_cpus(n_actors: int) -> float:
     """CPUs for each of n CPU actors of a Ray Data pool: an equal share of the cluster's CPUs
     with one share left for the read tasks, never more than half of the largest node (an
@@ -299,8 +307,7 @@ def actor_cpus(n_actors: int) -> float:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 1)
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
-    share = min(cpus / (n_actors + 1), node_cpus / 2)
+    share = min(cpus / (n_actors + 1), (largest_node("CPU") or cpus) / 2)
     return float(int(share)) if share >= 1 else share
 
 
