@@ -13,7 +13,7 @@ import numpy as np
 
 from ..config import UserError
 from ..data import actor_cpus, actor_threads, largest_node
-from .features import Features, block_labels, block_x
+from .features import Features, block_labels, block_x, read_units
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
 
@@ -172,6 +172,8 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     k = len(centroids)
     ds = features.dataset()
     n_actors = actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2)
+    if not actors:  # never more actors than blocks to assign (a second one would only wait)
+        n_actors = min(n_actors, len(read_units(features.files)) if features.files else len(features.tables))
     ds = ds.map_batches(
         Assigner, fn_constructor_kwargs={"centroids": centroids, "pre": pre, "spherical": spherical,
                                          "kind": features.kind, "dim": features.dim, "gpu": bool(gpus)},
