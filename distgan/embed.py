@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import faults
 from .config import UserError
-from .data import COLUMNS, actor_cpus, actor_threads, decode_images, read_manifest, shard_paths, to_device
+from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, shard_paths, to_device
+from .faults import slow_down
 from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
@@ -68,6 +70,7 @@ class ShardEmbedder:
 
         rows = []
         for src, dst in zip(batch["src"], batch["dst"]):
+            slow_down()
             t = pq.read_table(str(src), columns=list(COLUMNS))
             images = decode_images(t["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
             emb = embed_images(self.D, images, self.features, self.device, self.batch_size, amp=self.amp)
@@ -152,6 +155,8 @@ def embed_dataset(
         raise UserError(f"--batch-size must be positive, got {batch_size}")
     if amp not in AMP_MODES:
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got '{amp}'")
+    if num_actors is not None and num_actors < 1:
+        raise UserError(f"--actors must be >= 1, got {num_actors}")
     data, out = Path(data).resolve(), Path(out)
     inputs = shard_paths(data)
     D, state = load_embedder(checkpoint, data)
@@ -177,6 +182,7 @@ def embed_dataset(
     done_before = len(inputs) - len(todo)
 
     if todo:
+        init_ray()  # only now: every check above runs before Ray's start-up
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         # Default: one actor per GPU, or 2 on CPUs; never more than input shards (one shard is
         # one read block here, so a second actor would only wait, and Ray Data warns about it).
@@ -193,6 +199,7 @@ def embed_dataset(
             # CPU actors share the CPUs with Ray Data's own tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
             num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else actor_cpus(n_actors),
+            **({"runtime_env": faults.runtime_env()} if faults.runtime_env() else {}),
         )
         with tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress) as bar:
             for row in ds.iter_rows():

@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import faults
 from .config import Config, UserError
 from .data import decode_images, open_dataset, read_manifest, save_grid, to_device, to_uint8
 from .models import STATE_FILE, build_discriminator, build_generator, load_state, resolve_amp, unwrap
+from .faults import FAULT_ENV, fault_at, slow_down  # noqa: F401  (FAULT_ENV re-exported for the tests)
 from .steps import FiniteGuard, Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
 
-FAULT_ENV = "DISTGAN_FAULT"  # "crash@N" (rank 1, or 0 alone, raises once at step N) | "nan@N"
 
 
 class TrainingDiverged(UserError):
@@ -157,12 +158,6 @@ def _run_dir(cfg_run_dir: str) -> Path | None:
 # ---------------------------------------------------------------- the loop
 
 
-def _fault_at(step: int) -> str | None:
-    """The injected fault for this step, from DISTGAN_FAULT ("crash@N" or "nan@N")."""
-    kind, _, at = os.environ.get(FAULT_ENV, "").partition("@")
-    return kind if at and int(at) == step else None
-
-
 def _maybe_crash(rank: int, world: int, run_dir: Path | None) -> None:
     marker = (run_dir or Path(tempfile.gettempdir())) / ".fault_injected"
     if rank == min(1, world - 1) and not marker.exists():
@@ -281,13 +276,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             images = next(stream)
             window["wait"] += time.perf_counter() - t
             real = to_device(images, device, cfg.train.channels_last)  # (bs, C, H, W) in [-1, 1]
-            if _fault_at(step + 1) == "nan":
+            if fault_at(step + 1) == "nan":
                 real = real * float("nan")
             out = d_step(nets, real, cfg, step + 1)
         out |= g_step(nets, bs, device, cfg, step + 1)
         ema_update(nets.G_ema, nets.G, cfg.optim.ema_decay)
         step += 1
         window["steps"] += 1
+        slow_down()
         for k, v in out.items():
             acc.setdefault(k, []).append(v.detach())
         # Evaluate every eval.every steps, at the end, and at an attempt's first report, so
@@ -303,6 +299,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                 break
             elapsed = time.perf_counter() - window["t0"]
             metrics = {"step": step, "epoch": epoch}
+            if not reported and state is not None:
+                metrics["resumed_at"] = state["step"]  # this attempt's first report: where it restarted from
             # one stack and one device->host copy for every metric of the window
             names = sorted(acc)
             means = torch.stack([torch.stack(acc[k]).float().nanmean() for k in names]).tolist()
@@ -317,7 +315,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             window.update(t0=time.perf_counter(), wait=0.0, steps=0)
             ckpt_now = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
             _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log, ckpt_now)
-        if _fault_at(step) == "crash":
+        if fault_at(step) == "crash":
             _maybe_crash(rank, world, run_dir)
     log.close()
     return {"diverged": diverged, "step": step, "workers": _replica_report(nets, rank)}
@@ -406,7 +404,6 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluato
     # Ray Data's per-operator bars would flood the console next to distgan's progress line.
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = open_dataset(cfg.data.path, cfg.data.split)
-    env = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
     run_dir = storage.rstrip("/") + "/" + name
     return TorchTrainer(
         train_loop_per_worker,
@@ -420,7 +417,7 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluato
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,
+            worker_runtime_env=faults.runtime_env(),
             callbacks=callbacks,
             # Ray Train's per-report INFO lines would drown distgan's own progress line.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),

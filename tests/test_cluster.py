@@ -130,7 +130,7 @@ def test_distributed_assignment_equals_single_process(ray_running, tmp_path):
     assert m["nmi"] == pytest.approx(normalized_mutual_info_score(y[known], c[known]))
     assert m["ari"] == pytest.approx(adjusted_rand_score(y[known], c[known]))
     assert m["labelled_points"] == known.sum()
-    assert [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert [p.name for p in (tmp_path / "c").rglob("*tmp*")] == []  # no temporary left
 
 
 def test_fit_samples_and_faiss_threads_follow_the_task(ray_running, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import config as C
 from ..config import UserError
-from .common import SMOKE, load_config, print_cluster_metrics, print_info, smoke_inputs
+from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, smoke_inputs
 
 
 # ---------------------------------------------------------------- commands
@@ -38,7 +38,9 @@ def cmd_train(args) -> None:
     if args.smoke_test:
         smoke_inputs(args, checkpoint=False)
         args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
-    cfg = load_config(args)
+    from ..train import resolve_data
+
+    cfg = resolve_data(load_config(args))  # validated, and the dataset's manifest read: before Ray starts
     init_ray()
     from ..evaluate import make_evaluator
 
@@ -48,10 +50,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from ..data import init_ray
     from ..embed import embed_dataset
 
-    init_ray()
+    at_least("--actors", args.actors)
+    # embed_dataset checks the flags, the checkpoint (weights_only, distgan's format tag) and
+    # the dataset before it starts Ray.
     m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
                       features=args.features, num_actors=args.actors, overwrite=args.overwrite, amp=args.amp)
     print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}) -> {args.out}")
@@ -69,10 +72,11 @@ def _cluster_features(args):
         return embedding_features(args.embeddings)
     if not args.data:
         raise UserError("--checkpoint needs --data DIR: the prepared dataset to embed")
-    from ..data import init_ray
+    from ..cluster import check_request
+    from ..data import read_manifest
     from ..embed import embed_dataset
 
-    init_ray()
+    check_request(read_manifest(args.data)["count"], args.k, args.sample, args.gpus)  # before embedding
     emb = Path(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
                   features=args.features, overwrite=args.overwrite, amp=args.amp)
@@ -85,13 +89,16 @@ def cmd_cluster(args) -> None:
 
     if args.smoke_test:
         smoke_inputs(args)
+    for flag in ("--actors", "--niter", "--nredo", "--pca-dim"):
+        at_least(flag, getattr(args, flag[2:].replace("-", "_")))
     feats = _cluster_features(args)
-    check_request(feats.count, args.k, args.sample, args.gpus)  # before Ray starts
+    # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
+    check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim)
     init_ray()
-    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim, niter=args.niter,
+    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim or 64, niter=args.niter,
                        nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
-                       data=args.data or args.pixels, overwrite=args.overwrite or bool(args.checkpoint),
-                       gpus=args.gpus, actors=args.actors)
+                       data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
+                       actors=args.actors or 0, keep=("embeddings",) if args.checkpoint else ())
     print_cluster_metrics(m)
     print(f"outputs: {args.out}/assignments/ (Parquet shards), centroids.npy, preprocess.npz, metrics.json"
           + (", montage.png" if (Path(args.out) / "montage.png").exists() else ""))
@@ -140,17 +147,22 @@ def cmd_tune(args) -> None:
     if args.smoke_test:
         smoke_inputs(args, checkpoint=False)
         args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
-        args.trials = args.trials or 2
+        args.trials = 2 if args.trials is None else args.trials
     overrides = C.parse_overrides(args.set or [])
-    for key, value in (("data.path", args.data), ("train.steps", args.steps), ("train.num_workers", args.workers_per_trial)):
-        if value:
+    for key, value in (("data.path", args.data), ("train.steps", args.steps), ("train.num_workers", args.workers_per_trial),
+                       ("tune.trials", args.trials)):
+        if value is not None:
             overrides[key] = value
     if args.gpus_per_worker:
         overrides["train.use_gpu"] = True
-    cfg = C.load(args.config, overrides)
+    at_least("--gpus-per-worker", args.gpus_per_worker, 0)
+    at_least("--max-concurrent", args.max_concurrent, 0)
+    from ..train import resolve_data
+
+    cfg = resolve_data(C.load(args.config, overrides))  # validated, the dataset's manifest read
     space = load_space(args.space, cfg)  # before Ray: a space that can sample an invalid combination is refused
     init_ray()
-    summary = run_tune(cfg, space, trials=args.trials or cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
+    summary = run_tune(cfg, space, trials=cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
                        metric=args.metric or cfg.tune.metric, mode=args.mode or cfg.tune.mode,
                        max_concurrent=args.max_concurrent or cfg.tune.max_concurrent, storage=args.storage, name=args.name)
     exp = Path(args.storage) / args.name

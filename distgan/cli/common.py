@@ -5,20 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import config as C
+from ..config import UserError
 
 SMOKE = {"model.width": 8, "train.steps": 10, "train.log_every": 5, "train.checkpoint_every": 5,
          "data.batch_size": 32, "cluster.pca_dim": 16}
 
 
+def at_least(flag: str, value: int | None, lo: int = 1) -> None:
+    """A count flag the user gave (None: not given) must be >= lo; checked before Ray starts."""
+    if value is not None and value < lo:
+        raise UserError(f"{flag} must be >= {lo}, got {value}")
+
+
 def load_config(args) -> C.Config:
+    """The config from --config, --set and the flags that stand for keys. A flag given as 0
+    is applied (and refused by validation), never mistaken for "not given"."""
     overrides = C.parse_overrides(args.set or [])
     if getattr(args, "data", None):
         overrides["data.path"] = args.data
-    if getattr(args, "workers", None):
+    if getattr(args, "workers", None) is not None:
         overrides["train.num_workers"] = args.workers
     if getattr(args, "gpu", False):
         overrides["train.use_gpu"] = True
-    if getattr(args, "steps", None):
+    if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = args.steps
     return C.load(args.config, overrides)
 

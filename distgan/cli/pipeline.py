@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import config as C
 from ..config import UserError
-from .common import SMOKE, print_info
+from .common import SMOKE, at_least, print_info
 
 
 # Demo-sized defaults per source: what differs from the Python defaults, like a YAML diff.
@@ -23,23 +23,24 @@ def cmd_pipeline(args) -> None:
     from ..report import write_report
     from ..train import run_training
 
+    at_least("--k", args.k, 2)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not (args.overwrite or (out / "pipeline.json").exists()):
         raise UserError(f"output directory {out} is not empty and not a pipeline folder; pass --overwrite")
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
     overrides = dict(PIPELINE_DEFAULTS.get(args.dataset, {}))
     if args.smoke_test:
         overrides |= SMOKE
     overrides |= C.parse_overrides(args.set or [])
     overrides["data.path"] = str(out / "data")
-    if args.steps:
+    if args.steps is not None:
         overrides["train.steps"] = args.steps
-    if args.workers:
+    if args.workers is not None:
         overrides["train.num_workers"] = args.workers
-    cfg = C.load(args.config, overrides)
+    cfg = C.load(args.config, overrides)  # validated before anything is written (or removed)
+    if args.overwrite and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
     data = out / "data"
     if not (data / "dataset.json").is_file():
         print(f"[1/6] prepare {args.dataset}")

@@ -1,19 +1,23 @@
 """k-means off the driver. A Ray task (sized by --gpus, else CPUs) fits the preprocessing
-and faiss k-means on a sample; Ray Data actors that hold the centroids assign every point
-and Ray Data's writer stores the assignments as Parquet shards; one summary per block
-(a k x classes contingency table, cluster sizes, inertia, each cluster's nearest points)
-is summed on the driver. The driver holds centroids and summaries only: its memory is
+and faiss k-means on a sample; Ray Data actors that hold the centroids assign every point,
+each writing one Parquet file per read unit (named by the unit, so a rerun after a crash
+knows which are done; Ray Data's own writer names files by write task); one summary per
+unit (a k x classes contingency table, cluster sizes, inertia, each cluster's nearest
+points) is summed on the driver. The driver holds centroids and summaries only: its memory is
 flat in the number of points."""
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..config import UserError
 from ..data import actor_cpus, actor_threads, largest_node
-from .features import Features, block_labels, block_x, read_units
+from ..faults import slow_down
+from .features import Features, block_labels, block_x, read_unit, read_units
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
 
@@ -89,23 +93,47 @@ def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter:
 
 class Assigner:
     """Ray Data actor: holds the preprocessing and a faiss index over the centroids, built
-    once; each call maps a block to (id, cluster, distance, label)."""
+    once. Each call takes read units (`read_units`); per unit it writes the assignments
+    (id, cluster, distance, label) as one Parquet file under a temporary name, renamed when
+    whole, and returns that unit's summary row. A unit a previous run completed (`done`) is
+    only read back and summarized, so a rerun after a crash redoes only the missing files."""
 
-    def __init__(self, centroids: np.ndarray, pre: Preprocess, spherical: bool, kind: str, dim: int, gpu: bool):
+    def __init__(self, centroids: np.ndarray, pre: Preprocess, spherical: bool, kind: str, dim: int, gpu: bool,
+                 columns: list[str], per_cluster: int, tables: list | None = None):
         self.threads = set_faiss_threads()
         self.index = centroid_index(centroids, spherical, gpu)
-        self.pre, self.kind, self.dim = pre, kind, dim
+        self.pre, self.kind, self.dim, self.k = pre, kind, dim, len(centroids)
+        self.columns, self.per_cluster, self.tables = columns, per_cluster, tables or []
 
-    def __call__(self, table):
+    def assign(self, table):
+        """A block of features -> its (id, cluster, distance, label) table."""
         import pyarrow as pa
 
-        x = block_x(table, self.kind, self.dim)
+        x = block_x(table, self.kind, self.dim)  # (B, dim) float32
         c, d = search(self.index, self.pre(x))
         bad = ~np.isfinite(x).all(axis=1)
         if bad.any():  # counted by `summarize`; the driver refuses the output with one line
             c, d = np.where(bad, -1, c), np.where(bad, np.float32(0), d)
         return pa.table({"id": table.column("id").cast(pa.int64()), "cluster": pa.array(c.astype(np.int32)),
                          "distance": pa.array(d), "label": table.column("label").cast(pa.int32())})
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = []
+        for file, first, last, dst, done in zip(*(batch[c].to_pylist() for c in ("file", "first", "last", "dst", "done"))):
+            if done:
+                out = pq.read_table(dst)
+            else:
+                slow_down()
+                table = read_unit(file, first, last, self.columns) if file else self.tables[first]
+                out = self.assign(table)
+                tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
+                pq.write_table(out, tmp)
+                os.replace(tmp, dst)  # atomic publish: a file is whole or absent
+            rows.append(summarize(out, self.k, self.per_cluster))
+        return pa.concat_tables(rows)
 
 
 def summarize(table, k: int, per_cluster: int):
@@ -163,42 +191,55 @@ class Totals:
 
 def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spherical: bool, out_dir: str,
                actors: int = 0, gpus: int = 0, per_cluster: int = 8, progress: bool = True) -> Totals:
-    """Assign every point with an actor pool, write the shards into `out_dir` (Ray Data's
-    Parquet writer), then sum the per-block summaries read back from them."""
+    """Assign every point with an actor pool: one Parquet file per read unit in `out_dir`
+    (`part-NNNNN.parquet`, in unit order), and the per-unit summaries summed here. Files
+    already in `out_dir` (a run that was killed) are kept and only summarized."""
     import ray
     import ray.data
     from tqdm import tqdm
 
     k = len(centroids)
-    ds = features.dataset()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # a killed run's unfinished files
+        stale.unlink()
+    units = read_units(features.files) if features.files else [
+        {"file": "", "first": i, "last": i} for i in range(len(features.tables))]
+    items = [{**u, "dst": str(out / f"part-{i:05d}.parquet")} for i, u in enumerate(units)]
+    for it in items:
+        it["done"] = Path(it["dst"]).exists()
+    todo = sum(not it["done"] for it in items)
     n_actors = actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2)
-    if not actors:  # never more actors than blocks to assign (a second one would only wait)
-        n_actors = min(n_actors, len(read_units(features.files)) if features.files else len(features.tables))
-    ds = ds.map_batches(
-        Assigner, fn_constructor_kwargs={"centroids": centroids, "pre": pre, "spherical": spherical,
-                                         "kind": features.kind, "dim": features.dim, "gpu": bool(gpus)},
-        batch_size=ASSIGN_BATCH, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
+    if not actors:  # never more actors than units to assign (a second one would only wait)
+        n_actors = max(1, min(n_actors, todo))
+    remote = {"runtime_env": faults.runtime_env()} if faults.runtime_env() else {}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        Assigner, fn_constructor_kwargs={
+            "centroids": centroids, "pre": pre, "spherical": spherical, "kind": features.kind, "dim": features.dim,
+            "gpu": bool(gpus), "columns": features.columns, "per_cluster": per_cluster, "tables": features.tables},
+        batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors), **remote,
     )
-    print(f"assigning {features.count} points with {n_actors} {'GPU' if gpus else 'CPU'} actor(s)")
-    t = time.perf_counter()
-    ds.write_parquet(out_dir)
+    print(f"assigning {features.count} points ({todo} of {len(items)} files to write"
+          f"{f', {len(items) - todo} already done' if todo < len(items) else ''}) with {n_actors} "
+          f"{'GPU' if gpus else 'CPU'} actor(s)")
     totals = Totals(k, per_cluster)
-    totals.seconds_assign, t = time.perf_counter() - t, time.perf_counter()
-    summaries = ray.data.read_parquet(out_dir).map_batches(
-        summarize, fn_kwargs={"k": k, "per_cluster": per_cluster}, batch_size=None, batch_format="pyarrow")
-    with tqdm(total=features.count, unit="pt", desc="metrics", disable=not progress) as bar:
-        for row in summaries.iter_rows():
+    t = time.perf_counter()
+    with tqdm(total=features.count, unit="pt", desc="assign", disable=not progress) as bar:
+        for row in ds.iter_rows():
+            t_add = time.perf_counter()
             totals.add(row)
+            totals.seconds_metrics += time.perf_counter() - t_add
             bar.update(int(row["n"]))
-    totals.seconds_metrics = time.perf_counter() - t
+    totals.seconds_assign = time.perf_counter() - t - totals.seconds_metrics
     if totals.n != features.count:
         raise RuntimeError(f"assignment wrote {totals.n} rows for {features.count} points")
     return totals
 
 
-def check_request(count: int, k: int, sample: int, gpus: int = 0) -> int:
-    """The checks that need no Ray, before anything starts; returns the sample size to train on."""
+def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None) -> int:
+    """The checks that need no Ray, before anything starts; returns the sample size to train on.
+    pca_dim (0: no PCA) must fit the features' dim when that is known."""
     if sample < 0 or sample > count:
         raise UserError(f"--sample must be between 1 and the number of points ({count}), got {sample}")
     size = sample or default_sample(count, k)
@@ -206,6 +247,9 @@ def check_request(count: int, k: int, sample: int, gpus: int = 0) -> int:
         raise UserError(f"--k must be between 2 and the k-means sample ({size} of {count} points), got {k}")
     if gpus < 0:
         raise UserError(f"--gpus must be >= 0, got {gpus}")
+    if dim is not None and pca_dim > dim:
+        raise UserError(f"--pca-dim {pca_dim} is larger than the features' dimension ({dim}); "
+                        f"choose at most {dim}, or --preprocess l2")
     return size
 
 

@@ -46,10 +46,14 @@ class Features:
 
         if not self.files:
             return ray.data.from_arrow(self.tables)
-        columns = ["id", "label", "embedding" if self.kind == "embedding" else "image"]
         units = read_units(self.files)
         return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-            _read_units, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow")
+            _read_units, fn_kwargs={"columns": self.columns}, batch_size=1, batch_format="pyarrow")
+
+    @property
+    def columns(self) -> list[str]:
+        """The columns assignment reads."""
+        return ["id", "label", "embedding" if self.kind == "embedding" else "image"]
 
 
 READ_ROWS = 65536
@@ -71,13 +75,18 @@ def read_units(files: list[str]) -> list[dict]:
     return units
 
 
-def _read_units(batch, columns: list[str]):
-    import pyarrow as pa
+def read_unit(file: str, first: int, last: int, columns: list[str]):
+    """Row groups first..last of one file (a unit of `read_units`) as a pyarrow table."""
     import pyarrow.parquet as pq
 
-    tables = [pq.ParquetFile(f.as_py()).read_row_groups(range(first.as_py(), last.as_py() + 1), columns=columns)
-              for f, first, last in zip(batch["file"], batch["first"], batch["last"])]
-    return pa.concat_tables(tables)
+    return pq.ParquetFile(file).read_row_groups(range(first, last + 1), columns=columns)
+
+
+def _read_units(batch, columns: list[str]):
+    import pyarrow as pa
+
+    return pa.concat_tables([read_unit(f.as_py(), first.as_py(), last.as_py(), columns)
+                             for f, first, last in zip(batch["file"], batch["first"], batch["last"])])
 
 
 def block_x(table, kind: str, dim: int) -> np.ndarray:

@@ -13,38 +13,70 @@ from ..data import decode_images, read_manifest, save_grid, shard_paths
 from .features import Features
 from .metrics import metrics_from_contingency
 
+SPEC = ".cluster-spec.json"  # what a (possibly interrupted) output folder is computed from
+OUTPUTS = ("assignments", ".assignments.tmp", "assignments.parquet", "centroids.npy", "preprocess.npz",
+           ".fit.json", "metrics.json", "montage.png")
+
+
 def run_clustering(
     features: Features, out: str | Path, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
     niter: int = 20, nredo: int = 1, spherical: bool = False, sample: int = 0, seed: int = 0,
     data: str | Path | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
-    gpus: int = 0, actors: int = 0,
+    gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (),
 ) -> dict:
     """Fit on a sample in a Ray task, assign every point with Ray Data actors, write
-    OUT/assignments/ (Parquet shards), centroids.npy, preprocess.npz, metrics.json and
-    montage.png. Needs Ray (a local one, or the cluster the job runs on)."""
+    OUT/assignments/ (Parquet files), centroids.npy, preprocess.npz, metrics.json and
+    montage.png. Needs Ray (a local one, or the cluster the job runs on).
+
+    The same call on a folder it was interrupted in resumes: the centroids are reused once
+    preprocess.npz exists (written last by the fit) and assignment files already written
+    are kept. `overwrite` starts over; `keep` names entries of `out` that are not outputs
+    (`cluster --checkpoint` embeds into OUT/embeddings)."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
+    from .fit import Preprocess
 
     out = Path(out)
-    size = check_request(features.count, k, sample, gpus)
+    size = check_request(features.count, k, sample, gpus)  # pca_dim is clamped to the dimension here
     check_gpus(gpus)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
-    for old in ("assignments", ".assignments.tmp", "assignments.parquet"):
-        if (out / old).is_dir():
-            shutil.rmtree(out / old)
-        elif (out / old).exists():
-            (out / old).unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    # What this folder is computed from: the same command run again (after a crash) resumes.
+    spec = {"features": features.description, "files": features.files, "count": features.count, "k": k,
+            "preprocess": preprocess, "pca_dim": pca_dim, "niter": niter, "nredo": nredo, "spherical": spherical,
+            "sample": sample, "seed": seed}
+    resume = not overwrite and (out / SPEC).is_file() and json.loads((out / SPEC).read_text()) == spec
+    if not resume:
+        if out.exists() and set(p.name for p in out.iterdir()) - set(keep) and not overwrite:
+            raise UserError(f"output directory {out} is not empty (and not an interrupted run of this command); "
+                            "pass --overwrite to replace it")
+        for old in (*OUTPUTS, SPEC):
+            if (out / old).is_dir():
+                shutil.rmtree(out / old)
+            elif (out / old).exists():
+                (out / old).unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SPEC).write_text(json.dumps(spec, indent=2))
     t0 = time.perf_counter()
-    print(f"faiss k-means: k={k} on {size} of {features.count} points"
-          f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}; {features.description}")
-    centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus)
-    np.save(out / "centroids.npy", centroids)
-    np.savez(out / "preprocess.npz", method=pre.method, spherical=spherical,  # what the actors apply before search
-             **{name: v for name, v in (("mean", pre.mean), ("proj", pre.proj)) if v is not None})
-    t_fit = time.perf_counter() - t0
+    if resume and (out / "preprocess.npz").is_file():  # written after centroids.npy: both are there
+        centroids = np.load(out / "centroids.npy")
+        with np.load(out / "preprocess.npz", allow_pickle=False) as z:
+            pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj")))
+        fit = json.loads((out / ".fit.json").read_text())
+        print(f"faiss k-means: reusing the centroids in {out} (an interrupted run of this command)")
+    else:
+        print(f"faiss k-means: k={k} on {size} of {features.count} points"
+              f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}; "
+              f"{features.description}")
+        centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus)
+        fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": time.perf_counter() - t0}
+        (out / ".fit.json").write_text(json.dumps(fit))
+        np.save(out / "centroids.npy", centroids)
+        np.savez(out / ".preprocess.tmp.npz", method=pre.method, spherical=spherical,  # what the actors apply
+                 **{name: v for name, v in (("mean", pre.mean), ("proj", pre.proj)) if v is not None})
+        (out / ".preprocess.tmp.npz").replace(out / "preprocess.npz")  # last: marks the fit as complete
+    t_fit = fit["seconds"]
 
-    tmp = out / ".assignments.tmp"  # renamed when every shard is written: never a partial folder that looks whole
+    tmp = out / ".assignments.tmp"  # renamed when every file is written: never a partial folder that looks whole
+    if resume and (out / "assignments").is_dir():  # killed after the rename: its files are all done
+        (out / "assignments").rename(tmp)
     totals = assign_all(features, centroids, pre, spherical, str(tmp), gpus=gpus, actors=actors,
                         per_cluster=montage_per_cluster, progress=progress)
     if totals.bad:
@@ -59,7 +91,7 @@ def run_clustering(
         "preprocess": preprocess, "pca_dim": pca_dim if preprocess == "pca-whiten" else None,
         "niter": niter, "nredo": nredo, "spherical": spherical, "trained_on": fit["trained_on"],
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
-        "seconds_fit": round(t_fit, 3), "seconds_assign": round(totals.seconds_assign, 3),
+        "seconds_fit": round(t_fit, 3), "resumed": resume, "seconds_assign": round(totals.seconds_assign, 3),
         "seconds_metrics": round(totals.seconds_metrics, 3), "seconds_total": round(time.perf_counter() - t0, 3),
         **metrics_from_contingency(totals.cont),
         "contingency": totals.cont.tolist(),  # clusters x classes: the confusion matrix of the report
