@@ -1,0 +1,141 @@
+"""Every bad flag or config value is one line on stderr, exit status 2, before Ray starts
+and with nothing written. Ray's start is made impossible here (ray.init raises), so a
+check that ran after it would fail these tests with that error instead of the one line."""
+import pickle
+from pathlib import Path
+
+import pytest
+
+from distgan.cli import main
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    import ray
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _refused(capsys, argv, expect: str, out: Path) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("distgan: error:") and len(err.splitlines()) == 1, err
+    assert expect in err, err
+    assert not out.exists(), f"{out} was written"
+
+
+TRAIN = ["--set", "model.width=8"]
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--workers", "0"], "train.num_workers must be"),
+    (["--steps", "0"], "train.steps must be"),
+    (["--set", "data.batch_size=0"], "data.batch_size must be"),
+    (["--set", "train.checkpoint_every=-1"], "train.checkpoint_every must be"),
+])
+def test_train_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
+    out = tmp_path / "runs"
+    _refused(capsys, ["train", "--data", str(fake_dir), "--storage", str(out), *TRAIN, *flags], expect, out)
+
+
+def test_train_without_a_dataset_manifest(no_ray, capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    _refused(capsys, ["train", "--data", str(tmp_path / "empty"), "--storage", str(tmp_path / "runs")],
+             "dataset.json", tmp_path / "runs")
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--trials", "0"], "tune.trials must be"),
+    (["--workers-per-trial", "0"], "train.num_workers must be"),
+    (["--steps", "0"], "train.steps must be"),
+    (["--max-concurrent", "-1"], "--max-concurrent must be >= 0"),
+])
+def test_tune_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
+    out = tmp_path / "sweeps"
+    _refused(capsys, ["tune", "--data", str(fake_dir), "--storage", str(out), *flags], expect, out)
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--actors", "0"], "--actors must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--features", "everything"], "--features must be last or multi"),
+])
+def test_embed_flags(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path, flags, expect):
+    out = tmp_path / "emb"
+    _refused(capsys, ["embed", "--checkpoint", str(untrained_checkpoint), "--data", str(fake_dir), "--out", str(out),
+                      *flags], expect, out)
+
+
+def test_embed_checkpoint_holding_a_pickle_payload_runs_nothing(no_ray, capsys, fake_dir, tmp_path):
+    """Read with weights_only=True before Ray starts: the payload never runs."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "state.pt").write_bytes(pickle.dumps({"D": _Payload(marker)}))
+    out = tmp_path / "emb"
+    code = main(["embed", "--checkpoint", str(tmp_path / "ck"), "--data", str(fake_dir), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "checkpoint" in err, err
+    assert not marker.exists() and not out.exists()
+
+
+def test_embed_checkpoint_without_distgans_format_tag(no_ray, capsys, fake_dir, tmp_path):
+    import torch
+
+    (tmp_path / "ck").mkdir()
+    torch.save({"D": {}, "G": {}, "step": 3}, tmp_path / "ck" / "state.pt")  # loads, but is not ours
+    _refused(capsys, ["embed", "--checkpoint", str(tmp_path / "ck"), "--data", str(fake_dir),
+                      "--out", str(tmp_path / "emb")], "not a distgan checkpoint", tmp_path / "emb")
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--k", "1"], "--k must be between 2"),
+    (["--k", "0"], "--k must be between 2"),
+    (["--k", "5", "--actors", "0"], "--actors must be >= 1"),
+    (["--k", "5", "--niter", "0"], "--niter must be >= 1"),
+    (["--k", "5", "--pca-dim", "100000"], "--pca-dim 100000 is larger than the features' dimension (1024)"),
+    (["--k", "5", "--pca-dim", "0"], "--pca-dim must be >= 1"),
+    (["--k", "5", "--sample", "401"], "--sample must be between 1 and the number of points (400)"),
+    (["--k", "5", "--gpus", "-1"], "--gpus must be >= 0"),
+])
+def test_cluster_flags(no_ray, capsys, fake_dir, tmp_path, flags, expect):
+    out = tmp_path / "c"
+    _refused(capsys, ["cluster", "--pixels", str(fake_dir), "--out", str(out), *flags], expect, out)
+
+
+def test_cluster_with_checkpoint_checks_k_before_embedding(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path):
+    out = tmp_path / "c"
+    _refused(capsys, ["cluster", "--checkpoint", str(untrained_checkpoint), "--data", str(fake_dir), "--k", "401",
+                      "--out", str(out)], "--k must be between 2", out)
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--k", "1"], "--k must be >= 2"),
+    (["--steps", "0"], "train.steps must be"),
+    (["--workers", "0"], "train.num_workers must be"),
+])
+def test_pipeline_flags(no_ray, capsys, tmp_path, flags, expect):
+    out = tmp_path / "p"
+    _refused(capsys, ["pipeline", "--dataset", "fake", "--out", str(out), *flags], expect, out)
+
+
+def test_pipeline_overwrite_keeps_the_folder_when_the_config_is_bad(no_ray, capsys, tmp_path):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "pipeline.json").write_text("{}")
+    assert main(["pipeline", "--dataset", "fake", "--out", str(out), "--overwrite", "--steps", "0"]) == 2
+    assert (out / "pipeline.json").exists()  # refused before anything was removed
