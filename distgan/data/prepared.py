@@ -339,8 +339,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    from .. import faults
+
+    env = faults.runtime_env()  # None unless a test injects a fault: then every worker of this job gets it
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=env)
     else:
         # address="local": always a fresh local instance, never a stale cluster file's address.
-        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), log_to_driver=True)
+        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), log_to_driver=True, runtime_env=env)
