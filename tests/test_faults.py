@@ -33,6 +33,7 @@ RUN = {  # the smallest run that crosses checkpoints: a report and a checkpoint 
     "train.checkpoint_every": 2, "train.num_samples": 16, "train.threads_per_worker": 1,
     "train.num_workers": 2, "train.cpus_per_worker": 2, "train.max_failures": 2,
 }
+LONG = {**RUN, "train.steps": 16}  # room for two faults in one run
 
 
 def _free_port() -> int:
@@ -118,6 +119,13 @@ def _steps(metrics_file: Path) -> list[dict]:
     return [json.loads(line) for line in metrics_file.read_text().splitlines()]
 
 
+def _resumed_at(run: Path) -> list[int]:
+    """The steps attempts restarted from, read while rank 0 may be writing the file."""
+    f = run / "metrics.jsonl"
+    lines = f.read_text().splitlines(keepends=True) if f.exists() else []
+    return [json.loads(x)["resumed_at"] for x in lines if x.endswith("\n") and "resumed_at" in x]
+
+
 def _check_resumed_run(rows: list[dict], steps: int) -> None:
     assert [r["step"] for r in rows] == list(range(2, steps + 1, 2))  # every report once, in order
     assert any(r.get("resumed_at", 0) >= 2 for r in rows), f"no attempt restarted from a checkpoint: {rows}"
@@ -126,13 +134,30 @@ def _check_resumed_run(rows: list[dict], steps: int) -> None:
 # ---------------------------------------------------------------- node loss
 
 
-def test_training_finishes_after_losing_a_workers_node(cluster, fake_dir, tmp_path):
-    argv = ["train", "--data", str(fake_dir), "--storage", str(tmp_path), "--name", "nodeloss", *_sets(RUN)]
+def test_training_survives_a_lost_node_then_a_killed_driver(cluster, fake_dir, tmp_path):
+    """One run, two failures (each would cost a training start of its own): a worker's node
+    is lost after the first checkpoint and Ray Train restores the run on a fresh node; after
+    the restored attempt has checkpointed, the driver gets SIGKILL and the same command is
+    run again. It finishes from the last checkpoint with every step reported once."""
+    run = tmp_path / "twice"
+    argv = ["train", "--data", str(fake_dir), "--storage", str(tmp_path), "--name", "twice", *_sets(LONG)]
     proc = _distgan(cluster, argv, "slow@0.4")
-    _during(proc, lambda: _checkpointed(tmp_path / "nodeloss", 2), "the first checkpoint",
-            lambda: _replace_node_of(cluster, "RayTrainWorker"))
-    _check_resumed_run(_steps(tmp_path / "nodeloss" / "metrics.jsonl"), 12)
-    assert (tmp_path / "nodeloss" / f"checkpoint_{12:07d}").is_dir()
+    try:
+        _wait_for(lambda: _checkpointed(run, 2) or proc.poll() is not None, "the first checkpoint")
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        _replace_node_of(cluster, "RayTrainWorker")
+        resumed = _wait_for(lambda: _resumed_at(run), "the restored attempt's first report")[0]
+        _wait_for(lambda: _checkpointed(run, resumed + 4) or proc.poll() is not None, "a checkpoint after the restore")
+        assert proc.poll() is None, "training finished before the driver could be killed"
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait()
+    assert not (run / f"checkpoint_{LONG['train.steps']:07d}").exists()
+    out = _rerun(cluster, argv)
+    assert f"checkpoint_{LONG['train.steps']:07d}" in out
+    rows = _steps(run / "metrics.jsonl")
+    _check_resumed_run(rows, LONG["train.steps"])
+    assert len([r for r in rows if "resumed_at" in r]) == 2  # restored after the node loss, and by the rerun
 
 
 def test_tune_trial_finishes_after_losing_a_workers_node(cluster, fake_dir, tmp_path):
@@ -286,15 +311,6 @@ def _rerun(cluster, argv: list[str]) -> str:
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]
     return out
-
-
-def test_training_resumes_after_the_driver_is_killed(cluster, fake_dir, tmp_path):
-    argv = ["train", "--data", str(fake_dir), "--storage", str(tmp_path), "--name", "killed", *_sets(RUN)]
-    _kill_when(_distgan(cluster, argv, "slow@0.4"), lambda: _checkpointed(tmp_path / "killed", 2), "the first checkpoint")
-    assert not (tmp_path / "killed" / f"checkpoint_{12:07d}").exists()
-    out = _rerun(cluster, argv)
-    assert f"checkpoint_{12:07d}" in out
-    _check_resumed_run(_steps(tmp_path / "killed" / "metrics.jsonl"), 12)
 
 
 def test_embedding_resumes_after_the_driver_is_killed(cluster, fake_dir, untrained_checkpoint, tmp_path):

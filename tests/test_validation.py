@@ -139,3 +139,41 @@ def test_pipeline_overwrite_keeps_the_folder_when_the_config_is_bad(no_ray, caps
     (out / "pipeline.json").write_text("{}")
     assert main(["pipeline", "--dataset", "fake", "--out", str(out), "--overwrite", "--steps", "0"]) == 2
     assert (out / "pipeline.json").exists()  # refused before anything was removed
+
+
+# ---------------------------------------------------------------- the console
+
+NOISE = {  # Ray's notices that ask nothing of the user (what `--verbose` brings back)
+    "token notice": "Token authentication is enabled for this Ray cluster",
+    "start-up INFO": "Started a local Ray instance",
+    "execution plan": "Execution plan of Dataset",
+    "execution start": "Starting execution of Dataset",
+    "progress-bar notice": "Progress bars disabled",
+}
+
+
+def _console(fake_dir, out: Path, *flags: str) -> str:
+    """`distgan cluster` on raw pixels with its own local Ray, as a user runs it (RAY_AUTH_MODE unset)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_DATA_LOG_LEVEL")}
+    r = subprocess.run([str(Path(sys.executable).parent / "distgan"), *flags, "cluster", "--pixels", str(fake_dir),
+                        "--k", "3", "--preprocess", "l2", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_console_shows_distgans_lines_and_verbose_brings_rays_back(fake_dir, tmp_path):
+    quiet = _console(fake_dir, tmp_path / "q")
+    for line in ("faiss k-means: k=3", "assigning 400 points", "k=3 n=400", "outputs:"):
+        assert line in quiet, quiet
+    shown = [name for name, text in NOISE.items() if text in quiet]
+    assert not shown, f"{shown} on the quiet console:\n{quiet}"
+    verbose = _console(fake_dir, tmp_path / "v", "--verbose")
+    assert "faiss k-means: k=3" in verbose
+    missing = [name for name, text in NOISE.items() if text not in verbose]
+    assert not missing, f"--verbose lost {missing}:\n{verbose}"

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="distgan", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own INFO lines too (start-up, Ray Data execution plans, the token notice)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("prepare", help="image source -> Parquet shards + dataset.json")
@@ -152,11 +154,12 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..data import local_ray_on_loopback
+    from ..data import local_ray_on_loopback, set_console
 
     local_ray_on_loopback()  # before any stage imports ray
     parser = build_parser()
     args = parser.parse_args(argv)
+    set_console(args.verbose)  # before any stage imports ray
     try:
         args.fn(args)
     except UserError as e:

@@ -15,13 +15,13 @@ import numpy as np
 
 from .. import faults
 from ..config import UserError
-from ..data import actor_cpus, actor_threads, largest_node
+from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress_notice
 from ..faults import slow_down
 from .features import Features, block_labels, block_x, read_unit, read_units
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
 
-ASSIGN_BATCH = 65536  # rows per actor call: large enough for faiss's GEMM path, small in memory
+QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
 
 
 def default_sample(count: int, k: int) -> int:
@@ -68,6 +68,8 @@ def _fit(ds, kind: str, dim: int, k: int, preprocess: str, pca_dim: int, niter: 
          sample: int, seed: int, gpus: int) -> dict:
     """The Ray task: sample -> preprocessing -> faiss k-means. Returns plain arrays."""
     threads = set_faiss_threads()
+    if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
+        skip_progress_notice()
     t = time.perf_counter()
     x = _collect_sample(ds, kind, dim, sample, seed)
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
