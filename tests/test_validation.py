@@ -152,28 +152,37 @@ NOISE = {  # Ray's notices that ask nothing of the user (what `--verbose` brings
 }
 
 
-def _console(fake_dir, out: Path, *flags: str) -> str:
-    """`distgan cluster` on raw pixels with its own local Ray, as a user runs it (RAY_AUTH_MODE unset)."""
+def _console(fake_dir, out: Path, *flags: str):
+    """`distgan cluster` on raw pixels with its own local Ray, as a user runs it (RAY_AUTH_MODE
+    unset); returns the running process (the two consoles run side by side to save time)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_DATA_LOG_LEVEL")}
-    r = subprocess.run([str(Path(sys.executable).parent / "distgan"), *flags, "cluster", "--pixels", str(fake_dir),
-                        "--k", "3", "--preprocess", "l2", "--out", str(out)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return r.stdout + r.stderr
+    return subprocess.Popen([str(Path(sys.executable).parent / "distgan"), *flags, "cluster", "--pixels",
+                             str(fake_dir), "--k", "3", "--preprocess", "l2", "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _output(proc) -> str:
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    return out
 
 
 @pytest.mark.slow
 def test_console_shows_distgans_lines_and_verbose_brings_rays_back(fake_dir, tmp_path):
-    quiet = _console(fake_dir, tmp_path / "q")
+    runs = _console(fake_dir, tmp_path / "q"), _console(fake_dir, tmp_path / "v", "--verbose")
+    quiet, verbose = (_output(p) for p in runs)
     for line in ("faiss k-means: k=3", "assigning 400 points", "k=3 n=400", "outputs:"):
         assert line in quiet, quiet
     shown = [name for name, text in NOISE.items() if text in quiet]
     assert not shown, f"{shown} on the quiet console:\n{quiet}"
-    verbose = _console(fake_dir, tmp_path / "v", "--verbose")
     assert "faiss k-means: k=3" in verbose
     missing = [name for name, text in NOISE.items() if text not in verbose]
     assert not missing, f"--verbose lost {missing}:\n{verbose}"
