@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import faults
 from .config import UserError
 from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, shard_paths, to_device
 from .faults import slow_down
@@ -199,7 +198,6 @@ def embed_dataset(
             # CPU actors share the CPUs with Ray Data's own tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
             num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else actor_cpus(n_actors),
-            **({"runtime_env": faults.runtime_env()} if faults.runtime_env() else {}),
         )
         with tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress) as bar:
             for row in ds.iter_rows():

@@ -6,8 +6,9 @@
             time for a test to remove a node, kill an actor or kill the driver mid-stage
 
 Unset (every user's case) each call is one dictionary lookup. Ray workers get the
-variable through the runtime environment of what distgan starts (`runtime_env`), so it
-reaches them on any node of a running cluster."""
+variable through the job's runtime environment (`init_ray` passes `runtime_env()`), so it
+reaches every worker on any node; Ray Train runs also pass it to their workers, for a
+Ray that distgan did not start (the tests' shared one)."""
 from __future__ import annotations
 
 import os

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import faults
 from ..config import UserError
 from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress_notice
 from ..faults import slow_down
@@ -214,13 +213,12 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     n_actors = actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2)
     if not actors:  # never more actors than units to assign (a second one would only wait)
         n_actors = max(1, min(n_actors, todo))
-    remote = {"runtime_env": faults.runtime_env()} if faults.runtime_env() else {}
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Assigner, fn_constructor_kwargs={
             "centroids": centroids, "pre": pre, "spherical": spherical, "kind": features.kind, "dim": features.dim,
             "gpu": bool(gpus), "columns": features.columns, "per_cluster": per_cluster, "tables": features.tables},
         batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors), **remote,
+        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
     )
     print(f"assigning {features.count} points ({todo} of {len(items)} files to write"
           f"{f', {len(items) - todo} already done' if todo < len(items) else ''}) with {n_actors} "
