@@ -229,7 +229,10 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 
     data: dict[str, Any] = {}
     if path:
-        p = Path(path)
+        from .storage import check_access, loc
+
+        p = loc(path)
+        check_access(p)
         if not p.is_file():
             raise UserError(f"config file not found: {p}")
         try:
@@ -243,7 +246,9 @@ def load(path: str | Path | None = None, overrides: dict[str, Any] | None = None
 def save_yaml(cfg: Config, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .storage import loc
+
+    loc(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ---------------------------------------------------------------- validation

@@ -2,23 +2,21 @@
 
 Input shards -> Ray Data `map_batches` over an actor pool holding D (one GPU per
 actor when GPUs exist): each actor call reads one input shard, decodes and embeds
-it, and writes one output shard (`emb-<input>.parquet`) under a temporary name,
-renamed when all its rows are in. The driver sees one small row per shard. A rerun
-of the same command skips shards already present, so after a crash only the
-missing output is redone. `embeddings.json` is written last.
+it, and writes one output shard (`emb-<input>.parquet`) whole or not at all
+(storage.write_parquet), local or in object storage. The driver sees one small row
+per shard. A rerun of the same command skips shards already present, so after a
+crash only the missing output is redone. `embeddings.json` is written last.
 """
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 
 from .config import UserError
 from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, shard_paths, to_device
 from .faults import slow_down
+from .storage import Loc, loc, write_parquet
 from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
@@ -26,7 +24,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 
 
-def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndarray:
+def _sample_images(data: Loc, manifest: dict, n: int, seed: int = 0) -> np.ndarray:
     """Up to n images spread over every shard, without Ray: (n, H, W, C) uint8."""
     import pyarrow.parquet as pq
 
@@ -35,7 +33,7 @@ def _sample_images(data: Path, manifest: dict, n: int, seed: int = 0) -> np.ndar
     rng = np.random.default_rng(seed)
     out = []
     for f in shards:
-        t = pq.read_table(f, columns=["image"])
+        t = pq.read_table(f.path, columns=["image"], filesystem=f.fs)
         take = rng.choice(len(t), size=min(per, len(t)), replace=False)
         out.append(decode_images(t["image"].take(take).to_pylist(), manifest["resolution"], manifest["channels"]))
     return np.concatenate(out)[:n]
@@ -70,17 +68,15 @@ class ShardEmbedder:
         rows = []
         for src, dst in zip(batch["src"], batch["dst"]):
             slow_down()
-            t = pq.read_table(str(src), columns=list(COLUMNS))
+            src = loc(str(src))  # resolved on this node, through its own credentials
+            t = pq.read_table(src.path, columns=list(COLUMNS), filesystem=src.fs)
             images = decode_images(t["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
             emb = embed_images(self.D, images, self.features, self.device, self.batch_size, amp=self.amp)
             table = _table(t["id"].to_numpy(), t["label"].fill_null(-1).to_numpy(),
                            t["split"].to_numpy(zero_copy_only=False), emb.astype(self.dtype))
-            dst = Path(str(dst))
-            tmp = dst.parent / f".{dst.name}.tmp"
             # No dictionary for the vectors: float16 values repeat, so Parquet dictionary-encodes
             # them and decoding then runs at ~144k rows/s of 256-d; plain pages read ~1M rows/s.
-            pq.write_table(table, tmp, use_dictionary=["label", "split"])
-            tmp.replace(dst)  # atomic publish: a shard is whole or absent
+            write_parquet(table, loc(str(dst)), use_dictionary=["label", "split"])  # whole or absent
             rows.append(table.num_rows)
         return {"dst": np.asarray(batch["dst"]), "rows": np.asarray(rows, np.int64)}
 
@@ -101,7 +97,7 @@ def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_si
     return np.concatenate(outs) if outs else np.zeros((0, D.feature_dims[features]), np.float32)
 
 
-def load_embedder(checkpoint: str | Path, data: str | Path, calibrate: int = 2048):
+def load_embedder(checkpoint: str, data: str, calibrate: int = 2048):
     """D from a checkpoint, BatchNorm stats re-estimated on real images of `data`."""
     state = load_state(checkpoint)
     D, mcfg = discriminator_from_checkpoint(state)
@@ -111,7 +107,7 @@ def load_embedder(checkpoint: str | Path, data: str | Path, calibrate: int = 204
             f"dataset {data} is {manifest['resolution']}px x {manifest['channels']}ch but the checkpoint's D expects "
             f"{mcfg.resolution}px x {mcfg.channels}ch; prepare the data at the training resolution"
         )
-    recalibrate_batchnorm(D, _sample_images(Path(data), manifest, calibrate))
+    recalibrate_batchnorm(D, _sample_images(loc(data), manifest, calibrate))
     return D, state
 
 
@@ -129,9 +125,9 @@ def _table(ids, labels, splits, emb: np.ndarray):
 
 
 def embed_dataset(
-    checkpoint: str | Path,
-    data: str | Path,
-    out: str | Path,
+    checkpoint: str,
+    data: str,
+    out: str,
     batch_size: int = 256,
     dtype: str = "float16",
     features: str = "last",
@@ -156,53 +152,67 @@ def embed_dataset(
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got '{amp}'")
     if num_actors is not None and num_actors < 1:
         raise UserError(f"--actors must be >= 1, got {num_actors}")
-    data, out = Path(data).resolve(), Path(out)
+    from .storage import check_access
+
+    data, out = loc(data), loc(out)
+    check_access(out, write=True)
     inputs = shard_paths(data)
     D, state = load_embedder(checkpoint, data)
-    spec = {"checkpoint": str(Path(checkpoint).resolve()), "step": state["step"], "data": str(data),
+    spec = {"checkpoint": loc(checkpoint).uri, "step": state["step"], "data": data.uri,
             "features": features, "dtype": dtype}
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        out.rmtree()
+    out.mkdir()
     if (out / SPEC).exists():
-        old = json.loads((out / SPEC).read_text())
+        old = (out / SPEC).read_json()
         if old != spec:
             raise UserError(f"{out} holds embeddings made with other settings ({old['checkpoint']}, {old['features']}, "
                             f"{old['dtype']}); pass --overwrite or choose another --out")
-    elif any(out.iterdir()):
+    elif out.iterdir():
         raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
-    (out / SPEC).write_text(json.dumps(spec, indent=2))
-    for stale in out.glob(".*.tmp"):  # an interrupted run's unfinished shards
-        stale.unlink()
+    (out / SPEC).write_json(spec)
 
-    expected = {str(f): pq.ParquetFile(f).metadata.num_rows for f in inputs}
-    target = {str(f): out / f"emb-{f.stem}.parquet" for f in inputs}
-    todo = [f for f in inputs if not target[str(f)].exists()]
+    def rows(f: Loc) -> int:
+        with f.open_input() as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+
+    expected = {f.uri: rows(f) for f in inputs}
+    target = {f.uri: out / f"emb-{f.stem}.parquet" for f in inputs}
+    present = {c.name for c in out.iterdir()}  # one listing, not a request per shard
+    todo = [f for f in inputs if target[f.uri].name not in present]
     done_before = len(inputs) - len(todo)
 
     if todo:
+        from .capacity import wait_for
+
         init_ray()  # only now: every check above runs before Ray's start-up
-        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        # A cluster scaled to zero is asked for one actor's worth first (a GPU when the request
+        # or the cluster says so, else a CPU); the pool then grows to n_actors as nodes join.
+        wait_for([{"GPU": 1} if gpus else {"CPU": 1}], "one embedding actor")
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = bool(gpus)
         # Default: one actor per GPU, or 2 on CPUs; never more than input shards (one shard is
         # one read block here, so a second actor would only wait, and Ray Data warns about it).
-        n_actors = num_actors or min(int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 2, len(todo))
-        print(f"embedding {sum(expected[str(f)] for f in todo)} images from {len(todo)} shard(s) "
+        n_actors = num_actors or min(gpus if use_gpu else 2, len(todo))
+        print(f"embedding {sum(expected[f.uri] for f in todo)} images from {len(todo)} shard(s) "
               f"({done_before} already done) with {n_actors} {'GPU' if use_gpu else 'CPU'} actor(s)")
         # One item per input shard: each actor call embeds a whole shard and writes its output.
-        items = [{"src": str(f), "dst": str(target[str(f)])} for f in todo]
+        items = [{"src": f.uri, "dst": target[f.uri].uri} for f in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardEmbedder,
             fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
                                    "dtype": dtype, "amp": amp, "batch_size": batch_size},
-            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=n_actors),
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             # CPU actors share the CPUs with Ray Data's own tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
             num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else actor_cpus(n_actors),
         )
-        with tqdm(total=sum(expected[str(f)] for f in todo), unit="img", desc="embed", disable=not progress) as bar:
+        with tqdm(total=sum(expected[f.uri] for f in todo), unit="img", desc="embed", disable=not progress) as bar:
             for row in ds.iter_rows():
                 bar.update(int(row["rows"]))
-        missing = [target[str(f)].name for f in todo if not target[str(f)].exists()]
+        present = {c.name for c in out.iterdir()}
+        missing = [target[f.uri].name for f in todo if target[f.uri].name not in present]
         if missing:
             raise RuntimeError(f"embedding finished but shards are incomplete: {missing}")
 
@@ -210,5 +220,5 @@ def embed_dataset(
     manifest = {**spec, "count": sum(expected.values()), "dim": dim, "arch": state["config"]["model"]["arch"],
                 "shards": sorted(p.name for p in target.values()), "reused_shards": done_before,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MANIFEST).write_json(manifest)
     return manifest

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import copy
 import time
+import io
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .storage import loc
 from .config import Config, UserError
 from .models import recalibrate_batchnorm, unwrap
 
@@ -125,10 +128,11 @@ def train_classifier(data: str | Path, out: str | Path, epochs: int = 3, batch_s
         acc = classifier_accuracy(clf, decode_images(arrays["test"]["image"], m["resolution"], m["channels"]),
                                   arrays["test"]["label"])
     state = {"format": CLASSIFIER_FORMAT, "state": clf.state_dict(), **clf.meta, "test_acc": acc,
-             "dataset": str(Path(data).resolve())}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
-    return {"test_acc": acc, "path": str(out)}
+             "dataset": loc(data).uri}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    loc(out).write_bytes(buf.getvalue())
+    return {"test_acc": acc, "path": loc(out).uri}
 
 
 def classifier_accuracy(clf, images_u8: np.ndarray, labels: np.ndarray) -> float:
@@ -141,12 +145,30 @@ def classifier_accuracy(clf, images_u8: np.ndarray, labels: np.ndarray) -> float
     return float((pred.numpy()[keep] == labels[keep]).mean())
 
 
+def _local_copy(path) -> str:
+    """A local path to a weights file that may live in object storage (torch-fidelity opens
+    a path itself): a remote file is fetched once per process into a temporary folder."""
+    import tempfile
+
+    p = loc(path)
+    if not p.is_file():
+        raise UserError(f"Inception weights not found: {p}")
+    if p.is_local:
+        return p.path
+    dst = Path(tempfile.gettempdir()) / f"distgan-weights-{abs(hash(p.uri)):x}-{p.name}"
+    if not dst.is_file():
+        tmp = dst.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(p.read_bytes())
+        tmp.replace(dst)
+    return str(dst)
+
+
 def load_classifier(path: str | Path) -> DomainClassifier:
-    p = Path(path)
+    p = loc(path)
     if not p.is_file():
         raise UserError(f"evaluator weights not found: {p} (make them with `distgan evaluator train`)")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(p.read_bytes()), map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{p} cannot be loaded as evaluator weights: {type(e).__name__}") from None
     if not isinstance(state, dict) or state.get("format") != CLASSIFIER_FORMAT:
@@ -162,8 +184,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | Path):
         super().__init__()
-        if not Path(weights).is_file():
-            raise UserError(f"Inception weights not found: {weights}")
+        weights = _local_copy(weights)
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError:

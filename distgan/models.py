@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -264,27 +263,35 @@ def recalibrate_batchnorm(D, images_u8: np.ndarray, batch_size: int = 256):
 # ---------------------------------------------------------------- checkpoints
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, its state.pt, or a run folder (its latest checkpoint_*)."""
-    p = Path(path)
+def find_checkpoint(path):
+    """A checkpoint folder, its state.pt, or a run folder (its latest checkpoint_*); a local
+    path or a URI."""
+    from .storage import check_access, loc
+
+    p = loc(path)
+    check_access(p)
     if not p.exists():
         raise UserError(f"checkpoint not found: {p}")
     if p.is_dir() and not (p / STATE_FILE).exists():
-        ckpts = sorted(c for c in p.glob("checkpoint_*") if (c / STATE_FILE).is_file())
+        ckpts = [c for c in p.glob("checkpoint_*") if (c / STATE_FILE).is_file()]
         if ckpts:
             return ckpts[-1]
     return p
 
 
-def load_state(path: str | Path) -> dict:
-    """Read a checkpoint (a directory holding state.pt, the file, or a run folder)
-    with torch.load(weights_only=True): tensors and plain data only, never objects."""
+def load_state(path) -> dict:
+    """Read a checkpoint (a directory holding state.pt, the file, or a run folder; local or a
+    URI) with torch.load(weights_only=True): tensors and plain data only, never objects."""
+    import io
+
     p = find_checkpoint(path)
     f = p / STATE_FILE if p.is_dir() else p
     if not f.is_file():
         raise UserError(f"{path} is not a distgan checkpoint: no {STATE_FILE} (use a checkpoint_* folder of a run)")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(f.read_bytes()), map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as e:  # corrupt file, or one holding pickled objects
         raise UserError(f"{f} cannot be loaded as a distgan checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict) or state.get("format") != "distgan-checkpoint-v1":

@@ -14,11 +14,11 @@ import base64
 import html
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 
 from .config import UserError
+from .storage import Loc, check_access, loc
 
 
 def _png(fig) -> str:
@@ -35,7 +35,7 @@ def _img(b64: str, alt: str, width: int | None = None) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"{w}>'
 
 
-def _file_b64(path: Path) -> str:
+def _file_b64(path: Loc) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
@@ -120,35 +120,36 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px soli
 .grid{display:flex;flex-wrap:wrap;gap:12px}.grid figure{margin:0}figcaption{font-size:12px;color:#555}"""
 
 
-def write_report(out_dir: str | Path) -> Path:
-    out = Path(out_dir)
+def write_report(out_dir) -> Loc:
+    out = loc(out_dir)
+    check_access(out)
     if not out.is_dir():
         raise UserError(f"report: {out} is not a folder (give the --out of `distgan pipeline`)")
-    summary = json.loads((out / "pipeline.json").read_text()) if (out / "pipeline.json").is_file() else {}
-    parts = [f"<h1>distgan report</h1><p>{html.escape(str(out.resolve()))}</p>"]
+    summary = (out / "pipeline.json").read_json() if (out / "pipeline.json").is_file() else {}
+    parts = [f"<h1>distgan report</h1><p>{html.escape(out.uri)}</p>"]
     if summary:
         parts.append("<p>" + html.escape(", ".join(f"{k}: {v}" for k, v in summary.get("headline", {}).items())) + "</p>")
 
-    clusters = {name: json.loads((out / "clusters" / name / "metrics.json").read_text())
+    clusters = {name: (out / "clusters" / name / "metrics.json").read_json()
                 for name in ("embeddings", "pixels") if (out / "clusters" / name / "metrics.json").is_file()}
-    probe = json.loads((out / "probe" / "probe.json").read_text()) if (out / "probe" / "probe.json").is_file() else []
+    probe = (out / "probe" / "probe.json").read_json() if (out / "probe" / "probe.json").is_file() else []
     if clusters or probe:
         parts.append("<h2>Metrics: discriminator embeddings vs raw pixels</h2>" + _metrics_table(clusters, probe))
 
-    runs = sorted((out / "runs").glob("*/metrics.jsonl")) if (out / "runs").is_dir() else []
+    runs = [r / "metrics.jsonl" for r in (out / "runs").iterdir() if (r / "metrics.jsonl").is_file()]
     for mfile in runs:
         metrics = [json.loads(line) for line in mfile.read_text().splitlines() if line]
         if metrics:
             parts.append(f"<h2>Training ({html.escape(mfile.parent.name)}, {metrics[-1]['step']} steps)</h2>")
             parts.append(_img(loss_curves(metrics), "loss curves"))
-        samples = sorted((mfile.parent / "samples").glob("step_*.png"))
+        samples = (mfile.parent / "samples").glob("step_*.png")
         if samples:
             pick = samples if len(samples) <= 4 else [samples[i] for i in np.linspace(0, len(samples) - 1, 4).astype(int)]
             figs = "".join(f"<figure>{_img(_file_b64(p), p.stem, 240)}<figcaption>{p.stem.replace('_', ' ')} (G_ema, fixed noise)"
                            f"</figcaption></figure>" for p in pick)
             parts.append(f"<h3>Samples over training</h3><div class='grid'>{figs}</div>")
 
-    manifest = json.loads((out / "data" / "dataset.json").read_text()) if (out / "data" / "dataset.json").is_file() else {}
+    manifest = (out / "data" / "dataset.json").read_json() if (out / "data" / "dataset.json").is_file() else {}
     for name, m in clusters.items():
         d = out / "clusters" / name
         parts.append(f"<h2>Clusters of {html.escape(m['features'])}</h2>")

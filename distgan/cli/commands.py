@@ -2,11 +2,10 @@
 namespace that call the stage modules and print where results landed."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from .. import config as C
 from ..config import UserError
+from ..storage import check_access, loc
 from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, smoke_inputs
 
 
@@ -36,11 +35,12 @@ def cmd_train(args) -> None:
     from ..train import run_training
 
     if args.smoke_test:
-        smoke_inputs(args, checkpoint=False)
+        smoke_inputs(args, loc(args.storage) / args.name / "smoke-inputs", checkpoint=False)
         args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
     from ..train import resolve_data
 
     cfg = resolve_data(load_config(args))  # validated, and the dataset's manifest read: before Ray starts
+    check_access(loc(args.storage), write=True)
     init_ray()
     from ..evaluate import make_evaluator
 
@@ -77,7 +77,7 @@ def _cluster_features(args):
     from ..embed import embed_dataset
 
     check_request(read_manifest(args.data)["count"], args.k, args.sample, args.gpus)  # before embedding
-    emb = Path(args.out) / "embeddings"
+    emb = loc(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
                   features=args.features, overwrite=args.overwrite, amp=args.amp)
     return embedding_features(emb)
@@ -88,20 +88,21 @@ def cmd_cluster(args) -> None:
     from ..data import init_ray
 
     if args.smoke_test:
-        smoke_inputs(args)
+        smoke_inputs(args, loc(args.out) / "smoke-inputs")
     for flag in ("--actors", "--niter", "--nredo", "--pca-dim"):
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
     feats = _cluster_features(args)
     # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
     check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim)
+    check_access(loc(args.out), write=True)
     init_ray()
     m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim or 64, niter=args.niter,
                        nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
                        data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
-                       actors=args.actors or 0, keep=("embeddings",) if args.checkpoint else ())
+                       actors=args.actors or 0, keep=("embeddings", "smoke-inputs") if args.checkpoint else ("smoke-inputs",))
     print_cluster_metrics(m)
     print(f"outputs: {args.out}/assignments/ (Parquet shards), centroids.npy, preprocess.npz, metrics.json"
-          + (", montage.png" if (Path(args.out) / "montage.png").exists() else ""))
+          + (", montage.png" if (loc(args.out) / "montage.png").exists() else ""))
 
 
 def cmd_probe(args) -> None:
@@ -115,11 +116,11 @@ def cmd_probe(args) -> None:
     for flag, value in (("--max-train", args.max_train), ("--max-test", args.max_test)):
         if value < 0:
             raise UserError(f"{flag} must be >= 0 (0: all), got {value}")
+    out = loc(args.out) if args.out else loc(args.embeddings) / "probe"
+    check_access(out, write=True)
     init_ray()
     rows = probe_remote(feats, data, max_train=args.max_train, max_test=args.max_test)
-    out = Path(args.out or Path(args.embeddings) / "probe")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(rows, indent=2))
+    (out / "probe.json").write_json(rows)
     table = probe_table(rows)
     (out / "probe.md").write_text(table)
     print(table, end="")
@@ -145,7 +146,7 @@ def cmd_tune(args) -> None:
     from ..tune import load_space, run_tune
 
     if args.smoke_test:
-        smoke_inputs(args, checkpoint=False)
+        smoke_inputs(args, loc(args.storage) / args.name / "smoke-inputs", checkpoint=False)
         args.set = [f"{k}={v}" for k, v in SMOKE.items()] + (args.set or [])
         args.trials = 2 if args.trials is None else args.trials
     overrides = C.parse_overrides(args.set or [])
@@ -161,11 +162,12 @@ def cmd_tune(args) -> None:
 
     cfg = resolve_data(C.load(args.config, overrides))  # validated, the dataset's manifest read
     space = load_space(args.space, cfg)  # before Ray: a space that can sample an invalid combination is refused
+    check_access(loc(args.storage), write=True)
     init_ray()
     summary = run_tune(cfg, space, trials=cfg.tune.trials, scheduler=args.scheduler or cfg.tune.scheduler,
                        metric=args.metric or cfg.tune.metric, mode=args.mode or cfg.tune.mode,
                        max_concurrent=args.max_concurrent or cfg.tune.max_concurrent, storage=args.storage, name=args.name)
-    exp = Path(args.storage) / args.name
+    exp = loc(args.storage) / args.name
     print((exp / "results.md").read_text(), end="")
     print(f"{summary['trials']} trials, {summary['errored']} errored")
     if "best_trial" in summary:

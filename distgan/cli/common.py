@@ -2,8 +2,6 @@
 and the tables they print."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from .. import config as C
 from ..config import UserError
 
@@ -32,20 +30,20 @@ def load_config(args) -> C.Config:
     return C.load(args.config, overrides)
 
 
-def smoke_inputs(args, checkpoint: bool = True) -> None:
-    """--smoke-test: a generated dataset and an untrained checkpoint, so a job runs end to end in seconds."""
-    import tempfile
-
+def smoke_inputs(args, where, checkpoint: bool = True) -> None:
+    """--smoke-test: a generated dataset and an untrained checkpoint, so a job runs end to end in
+    seconds. Written under `where`, in the job's own storage (a URI on a cluster), so workers on
+    any node read them."""
     from ..data import prepare
     from ..train import resolve_data, save_untrained_checkpoint
 
-    tmp = Path(tempfile.mkdtemp(prefix="distgan-smoke-"))
     if not (args.data or getattr(args, "pixels", None) or getattr(args, "embeddings", None)):
-        prepare("fake", tmp / "data", fake_count=300, progress=False)
-        args.data = str(tmp / "data")
+        if not (where / "data" / "dataset.json").is_file():  # a rerun of the same job reuses them
+            prepare("fake", where / "data", fake_count=300, progress=False, overwrite=True)
+        args.data = (where / "data").uri
     if checkpoint and not (args.checkpoint or args.pixels or args.embeddings):
         cfg = resolve_data(C.load(None, {"data.path": args.data, "model.width": 8}))
-        args.checkpoint = str(save_untrained_checkpoint(cfg, tmp / "checkpoint_0000000"))
+        args.checkpoint = save_untrained_checkpoint(cfg, where / "checkpoint_0000000")
 
 
 def print_info(path) -> None:
@@ -58,7 +56,7 @@ def print_info(path) -> None:
         ("resolution", f"{m['resolution']}x{m['resolution']}x{m['channels']}"),
         ("splits", ", ".join(f"{k} {v}" for k, v in m["split_counts"].items())),
         ("classes", len(m["class_names"]) or "none (unlabelled)"),
-        ("shards", f"{len(shards)} ({sum(f.stat().st_size for f in shards) / 2**20:.1f} MiB)"),
+        ("shards", f"{len(shards)} ({sum(f.size() for f in shards) / 2**20:.1f} MiB)"),
         ("skipped files", len(m.get("skipped", []))),
     ]
     width = max(len(k) for k, _ in rows)

@@ -2,11 +2,10 @@
 with demo-sized defaults; and the shared `--smoke-test` inputs."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 from .. import config as C
 from ..config import UserError
+from ..storage import check_access, loc
 from .common import SMOKE, at_least, print_info
 
 
@@ -24,23 +23,22 @@ def cmd_pipeline(args) -> None:
     from ..train import run_training
 
     at_least("--k", args.k, 2)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not (args.overwrite or (out / "pipeline.json").exists()):
+    out = loc(args.out)
+    check_access(out, write=True)
+    if out.iterdir() and not (args.overwrite or (out / "pipeline.json").exists()):
         raise UserError(f"output directory {out} is not empty and not a pipeline folder; pass --overwrite")
     overrides = dict(PIPELINE_DEFAULTS.get(args.dataset, {}))
     if args.smoke_test:
         overrides |= SMOKE
     overrides |= C.parse_overrides(args.set or [])
-    overrides["data.path"] = str(out / "data")
+    overrides["data.path"] = (out / "data").uri
     if args.steps is not None:
         overrides["train.steps"] = args.steps
     if args.workers is not None:
         overrides["train.num_workers"] = args.workers
     cfg = C.load(args.config, overrides)  # validated before anything is written (or removed)
-    if args.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    if args.overwrite:
+        out.rmtree()
     data = out / "data"
     if not (data / "dataset.json").is_file():
         print(f"[1/6] prepare {args.dataset}")
@@ -52,13 +50,11 @@ def cmd_pipeline(args) -> None:
     k = args.k or max(2, len(manifest["class_names"]) or 10)
     init_ray()
     print(f"[2/6] train {cfg.model.arch}/{cfg.loss.name}, {cfg.train.steps} steps, {cfg.train.num_workers} worker(s)")
-    trained = run_training(cfg, storage=str(out / "runs"), name="gan")
+    trained = run_training(cfg, storage=(out / "runs").uri, name="gan")
     print(f"[3/6] embed every image with D (features={cfg.cluster.features})")
     emb = out / "embeddings"
-    import shutil
-
-    if (emb / ".embed-spec.json").exists() and json.loads((emb / ".embed-spec.json").read_text())["checkpoint"] != str(Path(trained.checkpoint).resolve()):
-        shutil.rmtree(emb)  # training went further since: these embeddings are stale
+    if (emb / ".embed-spec.json").exists() and (emb / ".embed-spec.json").read_json()["checkpoint"] != loc(trained.checkpoint).uri:
+        emb.rmtree()  # training went further since: these embeddings are stale
     embed_dataset(trained.checkpoint, data, emb, features=cfg.cluster.features, progress=not args.smoke_test)
     print(f"[4/6] faiss k-means, k={k}: D embeddings, then raw pixels (the baseline)")
     cl = cfg.cluster
@@ -70,8 +66,7 @@ def cmd_pipeline(args) -> None:
     rows = []
     if len(manifest["class_names"]) and set(manifest["split_counts"]) >= {"train", "test"}:
         rows = probe_remote(embedding_features(emb), data)  # a Ray task, on bounded samples of each split
-        (out / "probe").mkdir(exist_ok=True)
-        (out / "probe" / "probe.json").write_text(json.dumps(rows, indent=2))
+        (out / "probe" / "probe.json").write_json(rows)
         (out / "probe" / "probe.md").write_text(probe_table(rows))
     headline = {}
     for name, m in (("embeddings", m_emb), ("pixels", m_pix)):
@@ -81,9 +76,9 @@ def cmd_pipeline(args) -> None:
     if rows:
         headline["probe acc (embeddings)"] = round(rows[0]["accuracy"], 4)
         headline["logistic regression acc (pixels)"] = round(rows[1]["accuracy"], 4)
-    (out / "pipeline.json").write_text(json.dumps({
+    (out / "pipeline.json").write_json({
         "dataset": args.dataset, "config": C.to_dict(cfg), "checkpoint": trained.checkpoint,
-        "run_dir": trained.run_dir, "k": k, "headline": headline}, indent=2))
+        "run_dir": trained.run_dir, "k": k, "headline": headline})
     print("[6/6] report")
     report = write_report(out)
     print()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..config import UserError
 from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress_notice
 from ..faults import slow_down
+from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
 from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
 from .metrics import contingency
@@ -124,15 +124,14 @@ class Assigner:
 
         rows = []
         for file, first, last, dst, done in zip(*(batch[c].to_pylist() for c in ("file", "first", "last", "dst", "done"))):
+            dst = loc(dst)  # resolved on this node
             if done:
-                out = pq.read_table(dst)
+                out = pq.read_table(dst.path, filesystem=dst.fs)
             else:
                 slow_down()
                 table = read_unit(file, first, last, self.columns) if file else self.tables[first]
                 out = self.assign(table)
-                tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
-                pq.write_table(out, tmp)
-                os.replace(tmp, dst)  # atomic publish: a file is whole or absent
+                write_parquet(out, dst)  # atomic publish: a file is whole or absent
             rows.append(summarize(out, self.k, self.per_cluster))
         return pa.concat_tables(rows)
 
@@ -200,15 +199,15 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     from tqdm import tqdm
 
     k = len(centroids)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # a killed run's unfinished files
+    out = loc(out_dir)
+    out.mkdir()
+    for stale in out.glob(".*.tmp-*"):  # a killed run's unfinished local files (an object store has none)
         stale.unlink()
     units = read_units(features.files) if features.files else [
         {"file": "", "first": i, "last": i} for i in range(len(features.tables))]
-    items = [{**u, "dst": str(out / f"part-{i:05d}.parquet")} for i, u in enumerate(units)]
-    for it in items:
-        it["done"] = Path(it["dst"]).exists()
+    present = {c.name for c in out.iterdir()}
+    items = [{**u, "dst": (out / f"part-{i:05d}.parquet").uri, "done": f"part-{i:05d}.parquet" in present}
+             for i, u in enumerate(units)]
     todo = sum(not it["done"] for it in items)
     n_actors = actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 2)
     if not actors:  # never more actors than units to assign (a second one would only wait)

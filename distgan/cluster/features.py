@@ -5,15 +5,14 @@ code that runs in one process, plus the files and columns Ray Data reads when th
 work is spread over a cluster."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from ..config import UserError
 from ..data import decode_images, read_manifest, shard_paths
+from ..storage import Loc, check_access, loc
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
@@ -34,7 +33,7 @@ class Features:
     description: str
     data: str | None  # prepared dataset the ids refer to, when known
     kind: str = "embedding"  # embedding | pixels
-    files: list[str] = field(default_factory=list)  # Parquet shards (empty: in-memory tables)
+    files: list[str] = field(default_factory=list)  # Parquet shards' URIs (empty: in-memory tables)
     tables: list = field(default_factory=list)  # in-memory pyarrow tables (array_features)
 
     def dataset(self):
@@ -65,7 +64,8 @@ def read_units(files: list[str]) -> list[dict]:
 
     units = []
     for f in files:
-        meta = pq.ParquetFile(f).metadata
+        with loc(f).open_input() as fh:
+            meta = pq.ParquetFile(fh).metadata
         start, rows = 0, 0
         for g in range(meta.num_row_groups):
             rows += meta.row_group(g).num_rows
@@ -79,7 +79,8 @@ def read_unit(file: str, first: int, last: int, columns: list[str]):
     """Row groups first..last of one file (a unit of `read_units`) as a pyarrow table."""
     import pyarrow.parquet as pq
 
-    return pq.ParquetFile(file).read_row_groups(range(first, last + 1), columns=columns)
+    with loc(file).open_input() as fh:
+        return pq.ParquetFile(fh).read_row_groups(range(first, last + 1), columns=columns)
 
 
 def _read_units(batch, columns: list[str]):
@@ -108,16 +109,18 @@ def block_labels(table) -> np.ndarray:
     return table.column("label").fill_null(-1).to_numpy().astype(np.int32)
 
 
-def embedding_features(path: str | Path, batch_rows: int = 65536) -> Features:
+def embedding_features(path: str, batch_rows: int = 65536) -> Features:
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = loc(path)
+    check_access(path)
     mf = path / "embeddings.json"
     if not mf.is_file():
         raise UserError(f"{path} has no embeddings.json: not a `distgan embed` output (or the run did not finish)")
-    manifest = json.loads(mf.read_text())
+    manifest = mf.read_json()
     files = [path / s for s in manifest["shards"]]
-    missing = [f.name for f in files if not f.is_file()]
+    present = {c.name for c in path.iterdir()}
+    missing = [f.name for f in files if f.name not in present]
     if missing:
         raise UserError(f"{path} is missing embedding shards {missing[:3]}; rerun `distgan embed` to redo them")
     _check_dims(files, manifest["dim"])
@@ -125,7 +128,7 @@ def embedding_features(path: str | Path, batch_rows: int = 65536) -> Features:
     def batches():
         for f in files:
             try:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f.open_input())
                 for rb in pf.iter_batches(batch_size=batch_rows, columns=["id", "label", "split", "embedding"]):
                     emb = rb.column("embedding")
                     x = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(rb), -1)
@@ -136,16 +139,17 @@ def embedding_features(path: str | Path, batch_rows: int = 65536) -> Features:
 
     desc = f"D embeddings ({manifest['arch']}, features={manifest['features']}, step {manifest['step']})"
     return Features(batches, manifest["count"], manifest["dim"], desc, manifest.get("data"), "embedding",
-                    [str(f) for f in files])
+                    [f.uri for f in files])
 
 
-def _check_dims(files: list[Path], dim: int) -> None:
+def _check_dims(files: list[Loc], dim: int) -> None:
     """Every shard's embedding width must be the manifest's: read from the schemas (footers only)."""
     import pyarrow.parquet as pq
 
     for f in files:
         try:
-            width = pq.read_schema(f).field("embedding").type.list_size
+            with f.open_input() as fh:
+                width = pq.read_schema(fh).field("embedding").type.list_size
         except (OSError, KeyError, AttributeError, ValueError) as e:
             raise UserError(f"cannot read embeddings shard {f}: {e}") from None
         if width != dim:
@@ -153,7 +157,7 @@ def _check_dims(files: list[Path], dim: int) -> None:
                             "the folder mixes two embedding runs: re-embed into an empty --out")
 
 
-def pixel_features(data: str | Path, batch_rows: int = 8192) -> Features:
+def pixel_features(data: str, batch_rows: int = 8192) -> Features:
     """Raw pixels of a prepared dataset scaled to [0, 1]: the baseline."""
     import pyarrow.parquet as pq
 
@@ -163,14 +167,14 @@ def pixel_features(data: str | Path, batch_rows: int = 8192) -> Features:
 
     def batches():
         for f in files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["id", "image", "label", "split"]):
+            for rb in pq.ParquetFile(f.open_input()).iter_batches(batch_size=batch_rows, columns=["id", "image", "label", "split"]):
                 imgs = decode_images(rb.column("image").to_pylist(), res, ch)
                 yield (rb.column("id").to_numpy(), rb.column("label").fill_null(-1).to_numpy(),
                        rb.column("split").to_numpy(zero_copy_only=False),
                        imgs.reshape(len(imgs), -1).astype(np.float32) / 255.0)
 
-    return Features(batches, m["count"], res * res * ch, f"raw pixels ({res}x{res}x{ch})", str(Path(data).resolve()),
-                    "pixels", [str(f) for f in files])
+    return Features(batches, m["count"], res * res * ch, f"raw pixels ({res}x{res}x{ch})", loc(data).uri,
+                    "pixels", [f.uri for f in files])
 
 
 def array_features(ids, labels, splits, x: np.ndarray, description: str, batch_rows: int = 65536) -> Features:

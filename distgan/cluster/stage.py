@@ -1,15 +1,14 @@
 """The clustering stage: fit, assign every point, write the outputs, montage."""
 from __future__ import annotations
 
-import json
-import shutil
+import io
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ..config import UserError
 from ..data import decode_images, read_manifest, save_grid, shard_paths
+from ..storage import Loc, check_access, loc
 from .features import Features
 from .metrics import metrics_from_contingency
 
@@ -19,9 +18,9 @@ OUTPUTS = ("assignments", ".assignments.tmp", "assignments.parquet", "centroids.
 
 
 def run_clustering(
-    features: Features, out: str | Path, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
+    features: Features, out: str, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
     niter: int = 20, nredo: int = 1, spherical: bool = False, sample: int = 0, seed: int = 0,
-    data: str | Path | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
+    data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
     gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (),
 ) -> dict:
     """Fit on a sample in a Ray task, assign every point with Ray Data actors, write
@@ -35,31 +34,31 @@ def run_clustering(
     from .distributed import assign_all, check_gpus, check_request, fit_remote
     from .fit import Preprocess
 
-    out = Path(out)
+    out = loc(out)
+    check_access(out, write=True)
     size = check_request(features.count, k, sample, gpus)  # pca_dim is clamped to the dimension here
     check_gpus(gpus)
     # What this folder is computed from: the same command run again (after a crash) resumes.
     spec = {"features": features.description, "files": features.files, "count": features.count, "k": k,
             "preprocess": preprocess, "pca_dim": pca_dim, "niter": niter, "nredo": nredo, "spherical": spherical,
             "sample": sample, "seed": seed}
-    resume = not overwrite and (out / SPEC).is_file() and json.loads((out / SPEC).read_text()) == spec
+    resume = not overwrite and (out / SPEC).is_file() and (out / SPEC).read_json() == spec
     if not resume:
-        if out.exists() and set(p.name for p in out.iterdir()) - set(keep) and not overwrite:
+        if set(p.name for p in out.iterdir()) - set(keep) and not overwrite:
             raise UserError(f"output directory {out} is not empty (and not an interrupted run of this command); "
                             "pass --overwrite to replace it")
+        (out / "metrics.json").unlink()  # first: a folder without it is never mistaken for a finished run
         for old in (*OUTPUTS, SPEC):
-            if (out / old).is_dir():
-                shutil.rmtree(out / old)
-            elif (out / old).exists():
-                (out / old).unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SPEC).write_text(json.dumps(spec, indent=2))
+            (out / old).rmtree()
+            (out / old).unlink()
+        out.mkdir()
+        (out / SPEC).write_json(spec)
     t0 = time.perf_counter()
     if resume and (out / "preprocess.npz").is_file():  # written after centroids.npy: both are there
-        centroids = np.load(out / "centroids.npy")
-        with np.load(out / "preprocess.npz", allow_pickle=False) as z:
+        centroids = _load_npy(out / "centroids.npy")
+        with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
             pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj")))
-        fit = json.loads((out / ".fit.json").read_text())
+        fit = (out / ".fit.json").read_json()
         print(f"faiss k-means: reusing the centroids in {out} (an interrupted run of this command)")
     else:
         print(f"faiss k-means: k={k} on {size} of {features.count} points"
@@ -67,23 +66,30 @@ def run_clustering(
               f"{features.description}")
         centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus)
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": time.perf_counter() - t0}
-        (out / ".fit.json").write_text(json.dumps(fit))
-        np.save(out / "centroids.npy", centroids)
-        np.savez(out / ".preprocess.tmp.npz", method=pre.method, spherical=spherical,  # what the actors apply
+        (out / ".fit.json").write_json(fit)
+        buf = io.BytesIO()
+        np.save(buf, centroids)
+        (out / "centroids.npy").write_bytes(buf.getvalue())
+        buf = io.BytesIO()
+        np.savez(buf, method=pre.method, spherical=spherical,  # what the actors apply
                  **{name: v for name, v in (("mean", pre.mean), ("proj", pre.proj)) if v is not None})
-        (out / ".preprocess.tmp.npz").replace(out / "preprocess.npz")  # last: marks the fit as complete
+        (out / "preprocess.npz").write_bytes(buf.getvalue())  # last, and atomic: marks the fit as complete
     t_fit = fit["seconds"]
 
-    tmp = out / ".assignments.tmp"  # renamed when every file is written: never a partial folder that looks whole
-    if resume and (out / "assignments").is_dir():  # killed after the rename: its files are all done
-        (out / "assignments").rename(tmp)
-    totals = assign_all(features, centroids, pre, spherical, str(tmp), gpus=gpus, actors=actors,
+    # On a local disk the files go to .assignments.tmp, renamed when all are in. An object store
+    # cannot rename a folder (it would copy every object): they are written in place. Either way
+    # metrics.json, written last, is what marks the output complete.
+    tmp = out / ".assignments.tmp" if out.is_local else out / "assignments"
+    if resume and out.is_local and (out / "assignments").is_dir():  # killed after the rename: its files are all done
+        (out / "assignments").move(tmp)
+    totals = assign_all(features, centroids, pre, spherical, tmp.uri, gpus=gpus, actors=actors,
                         per_cluster=montage_per_cluster, progress=progress)
     if totals.bad:
-        shutil.rmtree(tmp)
+        tmp.rmtree()
         raise UserError(f"embeddings contain non-finite values (NaN/Inf) in {totals.bad} rows; "
                         "re-embed from a checkpoint that trained without diverging")
-    tmp.rename(out / "assignments")
+    if tmp != out / "assignments":
+        tmp.move(out / "assignments")
     sizes = totals.sizes
     metrics = {
         "k": k, "n": totals.n, "inertia": totals.inertia, "sizes": sizes.tolist(),
@@ -96,7 +102,7 @@ def run_clustering(
         **metrics_from_contingency(totals.cont),
         "contingency": totals.cont.tolist(),  # clusters x classes: the confusion matrix of the report
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_json(metrics)
     data = data or features.data
     if data:
         montage(data, totals.top_ids, out / "montage.png")
@@ -115,7 +121,11 @@ def montage_ids(ids: np.ndarray, clusters: np.ndarray, dists: np.ndarray, k: int
     return chosen
 
 
-def montage(data: str | Path, chosen: np.ndarray, path: Path) -> None:
+def _load_npy(f: Loc) -> np.ndarray:
+    return np.load(io.BytesIO(f.read_bytes()), allow_pickle=False)
+
+
+def montage(data, chosen: np.ndarray, path: Loc) -> None:
     """One row per cluster of `chosen` (k, per_cluster) ids, nearest the centroid first (-1:
     blank). Reads only those rows: a filter on id that pyarrow pushes down to the row groups."""
     import pyarrow as pa
@@ -124,7 +134,8 @@ def montage(data: str | Path, chosen: np.ndarray, path: Path) -> None:
     m = read_manifest(data)
     per_cluster = chosen.shape[1]
     wanted = chosen[chosen >= 0]
-    t = pds.dataset([str(f) for f in shard_paths(data)], format="parquet").to_table(
+    shards = shard_paths(data)
+    t = pds.dataset([f.path for f in shards], format="parquet", filesystem=shards[0].fs).to_table(
         columns=["id", "image"], filter=pds.field("id").isin(pa.array(wanted, pa.int64())))
     found: dict[int, bytes] = dict(zip(t["id"].to_pylist(), t["image"].to_pylist()))
     missing = [int(i) for i in wanted if int(i) not in found]

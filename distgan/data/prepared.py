@@ -1,16 +1,16 @@
 """Image sources -> Parquet shards (the prepared-dataset contract) -> tensors.
 
-A prepared dataset is a folder of `shard-NNNNN.parquet` files with columns
-`id` int64, `image` binary (raw uint8, H x W x C), `label` int32 (null when
-unknown), `split` string, plus `dataset.json`. The whole folder is written
-under a temporary name and renamed at the end, so a crash never leaves a
-dataset that looks complete.
+A prepared dataset is a folder (a local path or a URI: storage.py) of
+`shard-NNNNN.parquet` files with columns `id` int64, `image` binary (raw uint8,
+H x W x C), `label` int32 (null when unknown), `split` string, plus
+`dataset.json`. Each shard is written whole or not at all and `dataset.json`
+last: a folder without it is not a dataset (every reader refuses it), so a
+crash never leaves one that looks complete; a failed prepare removes its shards.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import UserError
+from ..storage import Loc, check_access, loc, write_parquet
 from .sources import check_resolution, fit_resolution, get_source
 
 COLUMNS = ("id", "image", "label", "split")
@@ -40,10 +41,11 @@ def _shard_table(ids, images, labels, splits):
     )
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _check_out_dir(out: Loc, overwrite: bool) -> None:
+    check_access(out, write=True)
+    if out.is_file():
         raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.iterdir() and not overwrite:
         raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
 
 
@@ -61,10 +63,9 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Write a prepared dataset; returns its manifest."""
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    out = Path(out)
+    out = loc(out)
     check_resolution(resolution)
     if split not in ("train", "test", "all"):
         raise UserError(f"--split must be train, test or all, got '{split}'")
@@ -76,11 +77,12 @@ def prepare(
     kwargs = {"resolution": resolution} if source in ("folder", "fake") else {}
     src = fn(root, split, download, **kwargs)
 
-    # Everything goes into a sibling temp folder that is renamed when complete.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # The old dataset stops being one (its manifest goes first), then the new shards are
+    # written, each whole, and the manifest last.
+    (out / MANIFEST).unlink()
+    out.rmtree()
+    out.mkdir()
+    complete = False
     try:
         buf: dict[str, list] = {"id": [], "image": [], "label": [], "split": []}
         shards: list[str] = []
@@ -93,7 +95,7 @@ def prepare(
             if not buf["id"]:
                 return
             name = f"shard-{len(shards):05d}.parquet"
-            pq.write_table(_shard_table(buf["id"], buf["image"], buf["label"], buf["split"]), tmp / name)
+            write_parquet(_shard_table(buf["id"], buf["image"], buf["label"], buf["split"]), out / name)
             shards.append(name)
             for v in buf.values():
                 v.clear()
@@ -138,14 +140,12 @@ def prepare(
             "skipped": src.skipped,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: the dataset is complete
+        complete = True
         return manifest
     finally:
-        # On any failure (including Ctrl-C) nothing half-written stays behind.
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not complete:  # any failure (Ctrl-C included): nothing half-written stays behind
+            out.rmtree()
 
 
 def _class_order(names: list[str]):
@@ -156,9 +156,10 @@ def _class_order(names: list[str]):
 # ---------------------------------------------------------------- reading
 
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+def read_manifest(path: str | Path | Loc) -> dict:
+    path = loc(path)
     f = path / MANIFEST
+    check_access(path)
     if not path.is_dir():
         raise UserError(f"prepared dataset not found: {path} (create it with `distgan prepare`)")
     if not f.is_file():
@@ -169,18 +170,19 @@ def read_manifest(path: str | Path) -> dict:
         raise UserError(f"{f} is corrupt: {e}") from None
 
 
-def shard_paths(path: str | Path) -> list[Path]:
+def shard_paths(path: str | Path | Loc) -> list[Loc]:
     """The dataset's shards, each checked to be Parquet with the contract's columns."""
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = loc(path)
     read_manifest(path)
-    files = sorted(path.glob("*.parquet"))
+    files = path.glob("*.parquet")
     if not files:
         raise UserError(f"{path} holds no .parquet shards")
     for f in files:
         try:
-            names = pq.read_schema(f).names
+            with f.open_input() as fh:
+                names = pq.read_schema(fh).names
         except Exception as e:  # pyarrow raises several types for a damaged footer
             raise UserError(f"{f} is not a readable Parquet file ({type(e).__name__}); re-run `distgan prepare`") from None
         missing = [c for c in COLUMNS if c not in names]
@@ -189,12 +191,18 @@ def shard_paths(path: str | Path) -> list[Path]:
     return files
 
 
-def open_dataset(path: str | Path, split: str = "all"):
-    """A prepared dataset as a `ray.data.Dataset`, streamed from its shards."""
+def open_dataset(path: str | Path | Loc, split: str = "all", seed: int | None = None):
+    """A prepared dataset as a `ray.data.Dataset`, streamed from its shards (through the
+    store's filesystem: each read task opens its files itself). With `seed`, the order of the
+    files is shuffled on every execution (each epoch): a dataset whose shards each hold one
+    class never yields single-class stretches."""
     import ray.data
+    from ray.data import FileShuffleConfig
 
     files = shard_paths(path)
-    ds = ray.data.read_parquet([str(f) for f in files]).select_columns(list(COLUMNS))
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=files[0].fs,
+                               shuffle=FileShuffleConfig(seed=seed) if seed is not None else None,
+                               ).select_columns(list(COLUMNS))
     if split != "all":
         ds = ds.filter(expr=f"split == '{split}'")
     return ds
@@ -205,7 +213,7 @@ def read_arrays(path: str | Path, split: str = "all", columns=COLUMNS) -> dict[s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.concat_tables([pq.read_table(f, columns=list(columns)) for f in shard_paths(path)])
+    table = pa.concat_tables([pq.read_table(f.path, columns=list(columns), filesystem=f.fs) for f in shard_paths(path)])
     if split != "all":
         import pyarrow.compute as pc
 
@@ -273,14 +281,17 @@ def batch_to_tensors(batch: dict, resolution: int, channels: int):
     return x, labels, ids
 
 
-def save_grid(images_u8: np.ndarray, path: str | Path, nrow: int = 8) -> None:
-    """(N, H, W, C) uint8 -> one PNG grid, 2-pixel gaps."""
+def save_grid(images_u8: np.ndarray, path: str | Path | Loc, nrow: int = 8) -> None:
+    """(N, H, W, C) uint8 -> one PNG grid, 2-pixel gaps, at a local path or a URI."""
+    import io
+
     import torch
     from torchvision.utils import save_image
 
     x = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 3, 1, 2).float() / 255.0
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, str(path), nrow=nrow, padding=2, pad_value=1.0)
+    buf = io.BytesIO()
+    save_image(x, buf, format="png", nrow=nrow, padding=2, pad_value=1.0)
+    loc(path).write_bytes(buf.getvalue())
 
 
 def actor_threads() -> int:

@@ -211,7 +211,10 @@ def source_folder(root: Path | None, split: str, download: bool, resolution: int
 
         ids = np.arange(len(files), dtype=np.int64)  # sorted path order: stable while files stay
         splits = _holdout_split(ids)
-        for i, path in enumerate(files):
+        # Written in a fixed random order, not path order: a class-sorted folder of millions of
+        # files would otherwise give shards (and so read blocks and batches) of one class each.
+        for i in np.random.default_rng(0).permutation(len(files)):
+            path = files[i]
             if not _want(str(splits[i]), split):
                 continue
             try:
