@@ -124,7 +124,7 @@ class RunLog:
 
     def __init__(self, run_dir: Loc | None, resume_step: int):
         self.run_dir = run_dir
-        self.tb = None
+        self.tb = self.staging = None
         if run_dir is None:
             return
         self.staging = None if run_dir.is_local else tempfile.TemporaryDirectory(prefix="distgan-runlog-")

@@ -8,6 +8,7 @@ import torch
 
 from distgan import config as C
 from distgan.cli import main
+from distgan.storage import loc
 from distgan.train import FAULT_ENV, TrainingDiverged, load_state, run_training
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ def _cfg(data, **extra):
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (loc(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_two_workers_batchnorm_d_stay_in_sync(ray_running, fake_dir, tmp_path):
@@ -66,14 +67,21 @@ def test_rerun_resumes_at_saved_step_with_optimizer_state(ray_running, digits_di
     assert kept == ["checkpoint_0000006", "checkpoint_0000008"]  # keep_checkpoints=2
 
 
-def test_worker_crash_resumes_from_checkpoint(ray_running, fake_dir, tmp_path, monkeypatch):
+def test_worker_crash_resumes_from_checkpoint_in_s3(ray_running, bucket, fake_dir, tmp_path, monkeypatch):
+    """2 workers, run storage in the bucket: rank 1 crashes once, the run restarts from the
+    checkpoint Ray Train wrote to S3, and rank 0's metrics, event files and samples are there too."""
     monkeypatch.setenv(FAULT_ENV, "crash@3")  # rank 1 raises once after step 3
     cfg = _cfg(fake_dir, **{"train.num_workers": 2, "train.max_failures": 1})
-    res = run_training(cfg, storage=str(tmp_path), name="crash")
-    assert res.step == 6
-    assert (Path(res.run_dir) / ".fault_injected").exists()  # the fault did fire
+    res = run_training(cfg, storage=f"{bucket}/train-runs", name="crash")
+    assert res.step == 6 and res.run_dir == f"{bucket}/train-runs/crash"
+    run = loc(res.run_dir)
+    assert (run / ".fault_injected").exists()  # the fault did fire
     steps = [r["step"] for r in _metrics(res.run_dir)]
     assert steps == [2, 4, 6]  # the attempt restarted from checkpoint 2; no duplicate lines
+    assert [r.get("resumed_at") for r in _metrics(res.run_dir)] == [None, 2, None]
+    assert res.checkpoint == f"{bucket}/train-runs/crash/checkpoint_0000006" and load_state(res.checkpoint)["step"] == 6
+    assert [p.name for p in (run / "samples").iterdir()] == [f"step_{s:07d}.png" for s in (2, 4, 6)]
+    assert (run / "tensorboard").glob("events.out.tfevents.*")
 
 
 def test_nan_stops_with_clear_error_and_no_bad_checkpoint(ray_running, fake_dir, tmp_path, monkeypatch):

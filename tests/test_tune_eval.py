@@ -1,4 +1,5 @@
 """Offline quality metrics and Ray Tune sweeps (fake data, a few steps per trial)."""
+import io
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from distgan import config as C
 from distgan.cli import main
 from distgan.config import UserError
+from distgan.storage import loc
 from distgan.evaluate import Evaluator, frechet_distance, kernel_inception_distance, load_classifier, train_classifier
 from distgan.tune import check_resources, load_space
 
@@ -194,16 +196,19 @@ def test_metric_no_trial_reports(ray_running, fake_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, fake_dir, tmp_path):
+def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, bucket, fake_dir, tmp_path):
     """Two concurrent PBT trials; the one whose D cannot learn (lr_d 1e-8: loss/d stays at 2 ln 2)
-    is always the lower quantile, so at a perturbation it must restart from the other's checkpoint."""
+    is always the lower quantile, so at a perturbation it must restart from the other's checkpoint.
+    The sweep lives in the bucket: the checkpoint passes between trials through S3, not a driver's disk."""
+    storage = loc(f"{bucket}/sweeps")
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr_d: {grid: [1.0e-8, 2.0e-3]}\noptim.lr_g: {loguniform: [1.0e-4, 4.0e-4]}\n")
     code = main(["tune", "--space", str(space), "--data", str(fake_dir), "--trials", "1", "--scheduler", "pbt",
-                 "--metric", "loss/d", "--mode", "min", "--max-concurrent", "2", "--storage", str(tmp_path),
+                 "--metric", "loss/d", "--mode", "min", "--max-concurrent", "2", "--storage", storage.uri,
                  "--name", "pbt", *TUNE_FLAGS[:-1], "20"])  # 4 segments of 5 steps: room for an exploit at 10 or 15
     assert code == 0
-    df = pd.read_csv(tmp_path / "pbt" / "results.csv", dtype={"restored from": str})
+    exp = storage / "pbt"
+    df = pd.read_csv(io.BytesIO((exp / "results.csv").read_bytes()), dtype={"restored from": str})
     assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["steps"] == 20).all()
     exploited = df[df["restored from"].notna()]
     assert len(exploited) >= 1, "no trial was restored from another's checkpoint"
@@ -213,6 +218,8 @@ def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, f
     # exploit copies the donor's config too: the lr_d = 1e-8 trial ends with 2e-3 ...
     assert set(df["optim.lr_d"]) == {2e-3}
     assert row["optim.lr_g"] != donor["optim.lr_g"]  # ... and explore perturbs the mutable key
-    assert "restored from" in (tmp_path / "pbt" / "results.md").read_text()
+    assert "restored from" in (exp / "results.md").read_text()
     # the continuation is a fresh run named after the exploited trial, started from the donor's checkpoint
-    assert any(p.name.startswith(row["trial"] + "-") for p in (tmp_path / "pbt" / "runs").iterdir())
+    assert any(p.name.startswith(row["trial"] + "-") for p in (exp / "runs").iterdir())
+    assert all(c.startswith(exp.uri + "/runs/") for c in df["checkpoint"])
+    assert {p.name for p in exp.iterdir()} >= {"results.csv", "results.md", "best.yaml", "best.json", "objective.png"}
