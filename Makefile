@@ -1,5 +1,5 @@
 # Two commands: `make demo` and `make test`. Each creates .venv when missing and
-# installs distgan into it (torch/torchvision pinned by constraints.txt).
+# installs distgan into it with the CPU faiss build (torch/torchvision/ray pinned by constraints.txt).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 STAMP  := $(VENV)/.installed
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,cpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

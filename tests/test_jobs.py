@@ -135,7 +135,7 @@ def test_cluster_yaml_is_valid_and_keeps_its_promises():
     assert all(t["node_config"]["InstanceType"].split(".")[0][0] in "gp" for t in gpu)  # g5/p4d...: GPU instances
     assert "InstanceMarketOptions" not in head["node_config"]  # the head is on-demand
     setup = " ".join(cfg["setup_commands"])
-    assert ".[gpu]" in setup and "faiss-cpu" in setup
+    assert ".[gpu]" in setup and "faiss-cpu" not in setup and "-c constraints.txt" in setup  # run: test_install.py
     starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
     assert starts.count("RAY_AUTH_MODE=token") == 2
     assert "--dashboard-host=127.0.0.1" in starts and "0.0.0.0" not in starts

@@ -239,6 +239,9 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
 def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None) -> int:
     """The checks that need no Ray, before anything starts; returns the sample size to train on.
     pca_dim (0: no PCA) must fit the features' dim when that is known."""
+    from .fit import require_faiss
+
+    require_faiss()
     if sample < 0 or sample > count:
         raise UserError(f"--sample must be between 1 and the number of points ({count}), got {sample}")
     size = sample or default_sample(count, k)

@@ -47,6 +47,15 @@ def fit_preprocess(x: np.ndarray, method: str, pca_dim: int = 64, sample: int = 
 # ---------------------------------------------------------------- k-means
 
 
+def require_faiss() -> None:
+    """faiss comes from one of two extras (they install the same `faiss` module, so never both):
+    `cpu` (faiss-cpu) or `gpu` (faiss-gpu-cu12)."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise UserError("faiss is not installed: pip install 'distgan[cpu]' (or 'distgan[gpu]' on CUDA nodes)") from None
+
+
 def faiss_devices() -> int:
     import faiss
 
