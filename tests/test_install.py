@@ -33,7 +33,7 @@ def venv(tmp_path_factory) -> Path:
 def _run(cmd: str, home: Path, venv_bin: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(home), "PATH": f"{venv_bin}:{os.environ['PATH']}", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("PYTHONPATH", None)
-    return subprocess.run(["bash", "-ec", cmd], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", "-ec", cmd], env=env, cwd=home.parent, capture_output=True, text=True, timeout=600)
 
 
 def _registry_down(r: subprocess.CompletedProcess) -> bool:
