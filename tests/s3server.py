@@ -105,7 +105,7 @@ class S3Server:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)  # its own session: weed and only weed
             try:
-                self.proc.wait(15)
+                self.proc.wait(2)  # a graceful stop takes weed ~25 s; the data is throwaway
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait(5)
