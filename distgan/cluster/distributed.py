@@ -259,4 +259,10 @@ def check_gpus(gpus: int) -> None:
     """--gpus against the cluster (one question to Ray): faiss trains on the GPUs of one node."""
     most = int(largest_node("GPU")) if gpus else 0
     if gpus > most:
+        from ..capacity import has_autoscaler, wait_for
+
+        if has_autoscaler():  # a GPU pool scaled to zero: ask for one node with that many
+            wait_for([{"GPU": gpus}], f"k-means on {gpus} GPU(s)")
+            most = int(largest_node("GPU"))
+    if gpus > most:
         raise UserError(f"--gpus {gpus}: no node of this cluster has {gpus} GPUs (the most on one node: {most})")

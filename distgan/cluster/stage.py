@@ -38,6 +38,10 @@ def run_clustering(
     check_access(out, write=True)
     size = check_request(features.count, k, sample, gpus)  # pca_dim is clamped to the dimension here
     check_gpus(gpus)
+    if not gpus:  # a cluster scaled to zero: one CPU node first (the fit task and the actors size from it)
+        from ..capacity import wait_for
+
+        wait_for([{"CPU": 1}], "clustering")
     # What this folder is computed from: the same command run again (after a crash) resumes.
     spec = {"features": features.description, "files": features.files, "count": features.count, "k": k,
             "preprocess": preprocess, "pca_dim": pca_dim, "niter": niter, "nredo": nredo, "spherical": spherical,
