@@ -70,8 +70,6 @@ class S3Server:
 
     def _wait(self, timeout: float) -> None:
         """Ready when a bucket can be created and an object written and listed through it."""
-        import pyarrow.fs as pafs
-
         deadline = time.monotonic() + timeout
         last = None
         while time.monotonic() < deadline:

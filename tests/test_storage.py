@@ -3,7 +3,6 @@ S3 server (SeaweedFS on loopback), datasets written straight to a bucket, the da
 class-sorted image folder gets, and each bad location as one line before Ray starts."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
