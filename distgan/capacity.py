@@ -9,6 +9,7 @@ there will be: a request that cannot fit fails at once.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -27,11 +28,20 @@ def driver_resources() -> dict:
 
 
 def has_autoscaler() -> bool:
-    """An autoscaler publishes its status in the GCS key-value store every few seconds."""
+    """Whether an autoscaler that can add nodes runs. Every Ray head runs the autoscaler's
+    monitor and publishes its status in the GCS key-value store; without an autoscaling
+    config (a local Ray, `ray start` by hand) it runs Ray's read-only provider, whose node
+    types are the nodes' own ids (`format_readonly_node_type`). With a cluster config the
+    types are the config's names (cluster.yaml's `head`, `gpu_worker`)."""
     from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
     from ray.experimental.internal_kv import _internal_kv_get
 
-    return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
+    status = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not status:
+        return False
+    mapping = (json.loads(status).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(t != format_readonly_node_type(n) for n, t in mapping.items())
 
 
 def _fits(bundles: list[dict], have: dict) -> list[str]:

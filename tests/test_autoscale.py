@@ -145,12 +145,12 @@ def test_train_tune_embed_scale_a_cluster_up_from_zero(autoscaling, bucket):
     assert (ckpt / "state.pt").is_file()
 
     space = loc(f"{bucket}/autoscale/space.yaml")
-    space.write_text("optim.lr_d: {grid: [1.0e-4, 2.0e-4]}\n")
+    space.write_text("optim.lr_d: {grid: [2.0e-4]}\n")
     code, out = _distgan(env, ["tune", "--data", data, "--space", space.uri, "--storage", f"{bucket}/autoscale/sweeps",
                                "--name", "grid", "--trials", "1", "--workers-per-trial", "1", "--steps", "5",
                                "--scheduler", "fifo", *RUN])
     assert code == 0, out[-3000:]
-    assert "2 trials, 0 errored" in out
+    assert "1 trials, 0 errored" in out
     assert (loc(f"{bucket}/autoscale/sweeps/grid") / "results.csv").is_file()
 
     code, out = _distgan(env, ["embed", "--checkpoint", ckpt.uri, "--data", data, "--out", f"{bucket}/autoscale/emb"])
@@ -158,6 +158,14 @@ def test_train_tune_embed_scale_a_cluster_up_from_zero(autoscaling, bucket):
     assert loc(f"{bucket}/autoscale/emb/embeddings.json").read_json()["count"] == 200
     for p in _tree(head):
         seen[p.pid] = p
+
+
+def test_a_local_ray_has_no_autoscaler(ray_running):
+    """Every head runs the autoscaler's monitor; without a cluster config it cannot add nodes,
+    and a request that does not fit must fail at once, not wait."""
+    from distgan.capacity import has_autoscaler
+
+    assert not has_autoscaler()
 
 
 def test_a_resource_no_node_type_has_is_one_line_after_the_wait(autoscaling, bucket):
