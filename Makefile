@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/distgan pipeline --dataset digits --out demo --overwrite
 
 test: $(STAMP) browser
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 # The report test renders report.html in headless Chromium (Debian's package).
 # Installed when missing and we are root with apt; otherwise that test skips, saying why.

@@ -193,7 +193,7 @@ def _embedding_reference(checkpoint, data) -> dict[int, np.ndarray]:
     D, state = load_embedder(checkpoint, data)
     ref = {}
     for f in shard_paths(data):
-        t = pq.read_table(f, columns=list(COLUMNS))
+        t = pq.read_table(f.path, columns=list(COLUMNS), filesystem=f.fs)
         m = state["config"]["model"]
         emb = embed_images(D, decode_images(t["image"].to_pylist(), m["resolution"], m["channels"]), "last")
         ref.update(zip(t["id"].to_pylist(), emb))
