@@ -148,6 +148,7 @@ def classifier_accuracy(clf, images_u8: np.ndarray, labels: np.ndarray) -> float
 def _local_copy(path) -> str:
     """A local path to a weights file that may live in object storage (torch-fidelity opens
     a path itself): a remote file is fetched once per process into a temporary folder."""
+    import hashlib
     import tempfile
 
     p = loc(path)
@@ -155,7 +156,8 @@ def _local_copy(path) -> str:
         raise UserError(f"Inception weights not found: {p}")
     if p.is_local:
         return p.path
-    dst = Path(tempfile.gettempdir()) / f"distgan-weights-{abs(hash(p.uri)):x}-{p.name}"
+    # named by the URI's digest (Python's hash() differs per process): fetched once per machine
+    dst = Path(tempfile.gettempdir()) / f"distgan-weights-{hashlib.sha1(p.uri.encode()).hexdigest()[:12]}-{p.name}"
     if not dst.is_file():
         tmp = dst.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(p.read_bytes())

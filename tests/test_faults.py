@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distgan.faults import FAULT_ENV
+from procs import finish
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -286,12 +287,11 @@ def _during(proc: subprocess.Popen, predicate, what: str, fault) -> str:
         got = _wait_for(lambda: predicate() or (proc.poll() is not None and "exited"), what)
         assert got != "exited", f"distgan exited before the fault:\n{proc.stdout.read()[-3000:]}"
         fault()
-        out, _ = proc.communicate(timeout=300)
-    finally:
+    except BaseException:
         proc.kill()
         proc.wait()
-    assert proc.returncode == 0, out[-3000:]
-    return out
+        raise
+    return finish(proc)
 
 
 def _kill_when(proc: subprocess.Popen, predicate, what: str):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from distgan.cli import main
+from procs import finish
 
 
 class _Payload:
@@ -154,20 +155,10 @@ def _console(fake_dir, out: Path, *flags: str):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _output(proc) -> str:
-    try:
-        out, _ = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
 @pytest.mark.slow
 def test_console_shows_distgans_lines_and_verbose_brings_rays_back(fake_dir, tmp_path):
     runs = _console(fake_dir, tmp_path / "q"), _console(fake_dir, tmp_path / "v", "--verbose")
-    quiet, verbose = (_output(p) for p in runs)
+    quiet, verbose = (finish(p) for p in runs)
     for line in ("faiss k-means: k=3", "assigning 400 points", "k=3 n=400", "outputs:"):
         assert line in quiet, quiet
     shown = [name for name, text in NOISE.items() if text in quiet]
