@@ -87,9 +87,9 @@ def embed_rate(cfg, images: np.ndarray, device: str, amp: str, batch: int) -> fl
     from distgan.embed import embed_images
 
     D = build_nets(cfg, device).D.eval()
-    embed_images(D, images[:batch], "multi", device, batch, amp=amp)  # warm-up
+    embed_images(D, images[:batch], "multi", device=device, batch_size=batch, amp=amp)  # warm-up
     t = time.perf_counter()
-    embed_images(D, images, "multi", device, batch, amp=amp)
+    embed_images(D, images, "multi", device=device, batch_size=batch, amp=amp)
     return len(images) / (time.perf_counter() - t)
 
 

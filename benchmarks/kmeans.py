@@ -48,7 +48,7 @@ def embeddings_70k(quick: bool) -> tuple[np.ndarray, str]:
         torch.manual_seed(0)
         D = build_discriminator(C.load(None, {"model.width": 96}).model)  # multi: 7 * 96 = 672-d
         recalibrate_batchnorm(D, imgs[:4096])
-        x = embed_images(D, imgs, "multi")
+        x = embed_images(D, imgs, "multi", "gap")  # the 672-d global-average read-out these figures were taken with
         pre = fit_preprocess(x, "pca-whiten", 256)
         return pre(x), f"MNIST ({n}) untrained DCGAN D multi-layer features, PCA-whitened to 256-d"
     rng = np.random.default_rng(0)

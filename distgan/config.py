@@ -44,6 +44,20 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class ObjectiveConfig:
+    # What D learns besides real/fake (objectives.py): gan (real/fake only) | contrastive (ContraD:
+    # NT-Xent on two views of reals + fakes against reals; real/fake head on detached features) |
+    # rotation (SS-GAN: D also predicts a real image's rotation) | autoencoder (D's blocks encode,
+    # G decodes; no adversarial loss)
+    name: str = "gan"
+    temperature: float = 0.1  # NT-Xent / supervised-contrastive temperature
+    fake_weight: float = 1.0  # weight of the fakes-vs-reals supervised-contrastive loss (ContraD's lambda)
+    rotation_weight: float = 1.0  # D's rotation loss on reals (SS-GAN's beta)
+    rotation_g_weight: float = 0.2  # G's rotation loss on fakes (SS-GAN's alpha)
+    augment: str = "auto"  # the contrastive views: comma list of crop,flip,color,gray,translation,cutout; auto = by channels
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -57,6 +71,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 2000  # G steps
+    minutes: float = 0.0  # wall-clock budget: stop at the first report after this many minutes of training; 0 = off
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int = 1  # Ray CPUs reserved per worker (data loading, threads)
@@ -82,14 +97,17 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     k: int = 10
-    preprocess: str = "pca-whiten"  # none | l2 | pca-whiten
+    preprocess: str = "pca"  # none | l2 | pca (PCA, then L2) | pca-whiten (DeepCluster: whitened PCA, then L2)
     pca_dim: int = 64
     niter: int = 20
     nredo: int = 1
     spherical: bool = False
     sample: int = 0  # train k-means on this many points; 0 = all
     seed: int = 0
-    features: str = "multi"  # last | multi: which D layers the embedding pools
+    features: str = "multi"  # last | multi: which D layers the embedding reads
+    readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg (models.py)
+    manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
+    manifold_dim: int = 10  # UMAP output dimensions
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -256,7 +275,11 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 ARCHS = ("dcgan", "resnet")
 LOSSES = ("ns", "hinge", "wgan-gp", "lsgan")
 AUGMENTS = ("translation", "cutout", "color")
-PREPROCESS = ("none", "l2", "pca-whiten")
+PREPROCESS = ("none", "l2", "pca", "pca-whiten")
+OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
+VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "translation", "cutout")
+COLOUR_AUGMENTS = ("color", "gray")  # mean nothing on one channel
+MANIFOLDS = ("none", "umap")
 FEATURES = ("last", "multi")
 AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -279,7 +302,8 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 # The keys the cross-field checks below read: a Tune space that samples them is checked
 # combination by combination before any trial starts (tune.check_space).
-COMBINATION_KEYS = ("model.arch", "model.resolution", "model.spectral_norm", "loss.name")
+COMBINATION_KEYS = ("model.arch", "model.resolution", "model.spectral_norm", "loss.name", "loss.r1_gamma",
+                    "objective.name")
 
 
 def validate(cfg: Config, combinations: bool = True) -> Config:
@@ -291,6 +315,14 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
     _choice("data.split", cfg.data.split, ("train", "test", "all"))
     _choice("cluster.preprocess", c.preprocess, PREPROCESS)
     _choice("cluster.features", c.features, FEATURES)
+    _choice("cluster.manifold", c.manifold, MANIFOLDS)
+    _choice("objective.name", cfg.objective.name, OBJECTIVES)
+    from .models import parse_readout  # noqa: PLC0415  (models imports config)
+
+    parse_readout(c.readout)
+    if cfg.objective.augment != "auto":
+        for aug in filter(None, cfg.objective.augment.split(",")):
+            _choice("objective.augment", aug.strip(), VIEW_AUGMENTS)
     _choice("tune.scheduler", cfg.tune.scheduler, SCHEDULERS)
     _choice("tune.mode", cfg.tune.mode, ("min", "max"))
     _choice("train.amp", t.amp, AMP)
@@ -306,14 +338,16 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
         ("optim.n_critic", o.n_critic), ("train.steps", t.steps), ("train.num_workers", t.num_workers), ("train.cpus_per_worker", t.cpus_per_worker),
         ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every), ("train.num_samples", t.num_samples),
-        ("cluster.k", c.k), ("cluster.pca_dim", c.pca_dim), ("cluster.niter", c.niter), ("cluster.nredo", c.nredo),
+        ("cluster.k", c.k), ("cluster.pca_dim", c.pca_dim), ("cluster.manifold_dim", c.manifold_dim),
+        ("objective.temperature", cfg.objective.temperature), ("cluster.niter", c.niter), ("cluster.nredo", c.nredo),
         ("tune.trials", cfg.tune.trials),
     ]:
         _positive(key, value)
     for key, value in [
         ("loss.gp_weight", cfg.loss.gp_weight), ("loss.r1_gamma", cfg.loss.r1_gamma),
         ("data.worker_cache_mb", cfg.data.worker_cache_mb), ("train.max_failures", t.max_failures), ("train.threads_per_worker", t.threads_per_worker),
-        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("tune.max_concurrent", cfg.tune.max_concurrent),
+        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("train.minutes", t.minutes), ("objective.fake_weight", cfg.objective.fake_weight),
+        ("objective.rotation_weight", cfg.objective.rotation_weight), ("objective.rotation_g_weight", cfg.objective.rotation_g_weight), ("tune.max_concurrent", cfg.tune.max_concurrent),
     ]:
         _positive(key, value, allow_zero=True)
     if not (0.0 <= o.beta1 < 1.0 and 0.0 <= o.beta2 < 1.0):
@@ -338,3 +372,26 @@ def validate_combinations(cfg: Config) -> None:
         # (Gulrajani et al. 2017, section 4).
         raise UserError("loss.name=wgan-gp needs a D without BatchNorm (its penalty is per sample): "
                         "set model.spectral_norm=true, or use model.arch=resnet")
+    obj = cfg.objective
+    if obj.name in ("contrastive", "autoencoder") and (cfg.loss.name == "wgan-gp" or cfg.loss.r1_gamma > 0):
+        # Both penalties are gradients of D's real/fake output w.r.t. the image through the whole
+        # D; ContraD's real/fake head reads detached trunk features, an autoencoder has no such output.
+        raise UserError(f"objective.name={obj.name} does not take a gradient penalty (loss.name=wgan-gp or "
+                        "loss.r1_gamma > 0): use loss.name=ns, hinge or lsgan with r1_gamma=0")
+
+
+def validate_for_data(cfg: Config) -> None:
+    """What only the prepared data decides (model.channels comes from dataset.json at train time)."""
+    m, obj = cfg.model, cfg.objective
+    colour = [a for a in view_augments(obj.augment, m.channels) if a in COLOUR_AUGMENTS]
+    if obj.name == "contrastive" and colour and m.channels != 3:
+        raise UserError(f"objective.augment has {', '.join(colour)} but the data has {m.channels} channel(s); "
+                        "colour augmentations need RGB data (use crop,translation,cutout on grayscale)")
+
+
+def view_augments(spec: str, channels: int) -> list[str]:
+    """The contrastive views' augmentations; `auto`: crops and cutout on grayscale (no flips:
+    digits are not symmetric), plus flips, colour jitter and grayscale on RGB (SimCLR's set)."""
+    if spec == "auto":
+        return ["crop", "flip", "color", "gray"] if channels == 3 else ["crop", "cutout"]
+    return [a.strip() for a in spec.split(",") if a.strip()]

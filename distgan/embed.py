@@ -17,7 +17,7 @@ from .config import UserError
 from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, shard_paths, to_device
 from .faults import slow_down
 from .storage import Loc, loc, write_parquet
-from .models import discriminator_from_checkpoint, load_state, recalibrate_batchnorm
+from .models import DEFAULT_READOUT, discriminator_from_checkpoint, embedding_dim, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -45,7 +45,7 @@ class ShardEmbedder:
     name, renamed when complete); the driver gets one small row per shard.
     On a GPU it infers under bf16 (or fp16 before Ampere) autocast unless amp says otherwise."""
 
-    def __init__(self, state_d: dict, config: dict, features: str, dtype: str, amp: str = "auto",
+    def __init__(self, state_d: dict, config: dict, features: str, readout: str, dtype: str, amp: str = "auto",
                  batch_size: int = 256):
         import torch
 
@@ -54,13 +54,14 @@ class ShardEmbedder:
 
         self.threads = actor_threads()
         torch.set_num_threads(self.threads)
-        self.cfg = C.from_dict(config).model
+        full = C.from_dict(config)
+        self.cfg = full.model
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.amp = resolve_amp(amp, self.device)
-        self.D = build_discriminator(self.cfg)
+        self.D = build_discriminator(self.cfg, full.objective.name)
         self.D.load_state_dict(state_d)
         self.D.to(self.device).eval()
-        self.features, self.dtype, self.batch_size = features, np.dtype(dtype), batch_size
+        self.features, self.readout, self.dtype, self.batch_size = features, readout, np.dtype(dtype), batch_size
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow.parquet as pq
@@ -71,7 +72,7 @@ class ShardEmbedder:
             src = loc(str(src))  # resolved on this node, through its own credentials
             t = pq.read_table(src.path, columns=list(COLUMNS), filesystem=src.fs)
             images = decode_images(t["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
-            emb = embed_images(self.D, images, self.features, self.device, self.batch_size, amp=self.amp)
+            emb = embed_images(self.D, images, self.features, self.readout, self.device, self.batch_size, amp=self.amp)
             table = _table(t["id"].to_numpy(), t["label"].fill_null(-1).to_numpy(),
                            t["split"].to_numpy(zero_copy_only=False), emb.astype(self.dtype))
             # No dictionary for the vectors: float16 values repeat, so Parquet dictionary-encodes
@@ -81,8 +82,8 @@ class ShardEmbedder:
         return {"dst": np.asarray(batch["dst"]), "rows": np.asarray(rows, np.int64)}
 
 
-def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_size: int = 512,
-                 amp: str = "off") -> np.ndarray:
+def embed_images(D, images_u8: np.ndarray, features: str, readout: str = DEFAULT_READOUT, device="cpu",
+                 batch_size: int = 512, amp: str = "off") -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, E) float32 with an eval-mode D; the in-process path.
     amp: a resolved precision (off | bf16 | fp16) for the forward pass; the result is float32."""
     import torch
@@ -93,8 +94,11 @@ def embed_images(D, images_u8: np.ndarray, features: str, device="cpu", batch_si
     with torch.no_grad(), autocast(device, amp):
         for i in range(0, len(images_u8), batch_size):
             x = to_device(images_u8[i : i + batch_size], device)  # uint8 crosses to the device
-            outs.append(D.embed(x, features).float().cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, D.feature_dims[features]), np.float32)
+            outs.append(D.embed(x, features, readout).float().cpu().numpy())
+    if not outs:
+        h, w, c = images_u8.shape[1:]
+        return np.zeros((0, embedding_dim(D, features, readout, h, c)), np.float32)
+    return np.concatenate(outs)
 
 
 def load_embedder(checkpoint: str, data: str, calibrate: int = 2048):
@@ -130,7 +134,8 @@ def embed_dataset(
     out: str,
     batch_size: int = 256,
     dtype: str = "float16",
-    features: str = "last",
+    features: str = "multi",
+    readout: str = DEFAULT_READOUT,
     num_actors: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -158,8 +163,10 @@ def embed_dataset(
     check_access(out, write=True)
     inputs = shard_paths(data)
     D, state = load_embedder(checkpoint, data)
+    mcfg = state["config"]["model"]
+    dim = embedding_dim(D, features, readout, mcfg["resolution"], mcfg["channels"])  # a grid too large: UserError here
     spec = {"checkpoint": loc(checkpoint).uri, "step": state["step"], "data": data.uri,
-            "features": features, "dtype": dtype}
+            "features": features, "readout": readout, "dtype": dtype}
     if overwrite:
         out.rmtree()
     out.mkdir()
@@ -167,7 +174,7 @@ def embed_dataset(
         old = (out / SPEC).read_json()
         if old != spec:
             raise UserError(f"{out} holds embeddings made with other settings ({old['checkpoint']}, {old['features']}, "
-                            f"{old['dtype']}); pass --overwrite or choose another --out")
+                            f"{old.get('readout', 'gap')}, {old['dtype']}); pass --overwrite or choose another --out")
     elif out.iterdir():
         raise UserError(f"output directory {out} is not empty; pass --overwrite to replace it")
     (out / SPEC).write_json(spec)
@@ -202,7 +209,7 @@ def embed_dataset(
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardEmbedder,
             fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
-                                   "dtype": dtype, "amp": amp, "batch_size": batch_size},
+                                   "readout": readout, "dtype": dtype, "amp": amp, "batch_size": batch_size},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             # CPU actors share the CPUs with Ray Data's own tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
@@ -216,7 +223,6 @@ def embed_dataset(
         if missing:
             raise RuntimeError(f"embedding finished but shards are incomplete: {missing}")
 
-    dim = D.feature_dims[features]
     manifest = {**spec, "count": sum(expected.values()), "dim": dim, "arch": state["config"]["model"]["arch"],
                 "shards": sorted(p.name for p in target.values()), "reused_shards": done_before,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -234,7 +234,7 @@ class Evaluator:
         self.labels = a["label"][take]
         self.z_dim, self.n = cfg.model.z_dim, len(take)
         self.k = max(2, len(m["class_names"]))
-        self.features = cfg.cluster.features
+        self.cluster = cfg.cluster  # the read-out and preprocessing `distgan cluster` would use
         self.extractor = None
         if e.inception_weights:
             self.extractor = InceptionFeatures(e.inception_weights).eval()
@@ -277,11 +277,11 @@ class Evaluator:
             # A copy of D on its training device, BatchNorm re-estimated on these real images, eval mode.
             d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)), self.real_u8)
             with torch.no_grad():
-                emb = torch.cat([d.embed(real[i : i + 256], self.features).float().cpu()
+                emb = torch.cat([d.embed(real[i : i + 256], self.cluster.features, self.cluster.readout).float().cpu()
                                  for i in range(0, self.n, 256)]).numpy()
             known = self.labels >= 0
             x, y = emb[known], self.labels[known]
-            pre = fit_preprocess(x, "pca-whiten", min(32, x.shape[1]))
+            pre = fit_preprocess(x, self.cluster.preprocess, min(self.cluster.pca_dim, x.shape[1]))
             c, _ = assign(kmeans(pre(x), self.k, niter=20), pre(x))
             out["eval/nmi"] = clustering_metrics(y, c)["nmi"]
             out["eval/probe_acc"] = _holdout_probe(x, y)

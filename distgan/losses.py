@@ -74,3 +74,32 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """R1 (Mescheder et al.): E[||grad D(x)||^2] on real x; `real` must require grad."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
     return grad.flatten(1).pow(2).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------- representation losses (objectives.py)
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR): a, b (N, P) L2-normalised projections of two views of the same N images.
+    Each of the 2N rows has its other view as the positive and the remaining 2N - 2 as negatives;
+    the loss is the mean cross-entropy of picking the positive from cosine similarities / temperature."""
+    n = a.shape[0]
+    z = torch.cat([a, b]).float()  # (2N, P)
+    sim = (z @ z.t()) / temperature  # (2N, 2N)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # never itself
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, positive)
+
+
+def supcon_fake(real1: torch.Tensor, real2: torch.Tensor, fake: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ContraD's supervised-contrastive loss for fakes: each fake (N, P) is pulled towards the
+    other N - 1 fakes and away from the 2N real views (all L2-normalised); the mean over fakes of
+    -mean log-softmax probability of its positives."""
+    n = fake.shape[0]
+    z = torch.cat([real1, real2, fake]).float()  # (3N, P)
+    sim = (fake.float() @ z.t()) / temperature  # (N, 3N): each fake against everything
+    self_mask = torch.zeros_like(sim, dtype=torch.bool)
+    self_mask[:, 2 * n :] = torch.eye(n, dtype=torch.bool, device=z.device)
+    logp = F.log_softmax(sim.masked_fill(self_mask, float("-inf")), dim=1)
+    positives = logp[:, 2 * n :].masked_fill(self_mask[:, 2 * n :], 0.0)  # (N, N), own column zeroed
+    return -(positives.sum(dim=1) / (n - 1)).mean()

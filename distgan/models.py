@@ -1,11 +1,16 @@
-"""Generators and discriminators. Every D has `forward(x) -> logits (N,)` and
-`embed(x, features) -> (N, E)`: global-average-pooled hidden features.
+"""Generators and discriminators. Every D has `forward(x) -> logits (N,)`,
+`trunk(x) -> h (N, F)` (what its heads read) and `embed(x, features, readout) -> (N, E)`.
 
-Embedding sizes E (w = model.width):
-  dcgan  last : 4w at 32 px, 8w at 64 px (the last conv block, 4x4, averaged) -> 256 at w=64, 32 px
-  dcgan  multi: w + 2w + 4w = 7w at 32 px, 15w at 64 px (every block, each averaged) -> 448
-  resnet last : 2w (after the final ReLU, averaged)                -> 128 at w=64
-  resnet multi: 4 * 2w (each residual block, averaged)             -> 512
+Embeddings read D's hidden blocks (`features`: the last block, or every block) through a
+read-out (`readout`, READOUTS below):
+  gap        : each block averaged over H x W (C_i values), concatenated as they are
+  gridG-max  : each block max-pooled to a G x G grid (C_i * G * G values), L2-normalised per
+  gridG-avg    block before concatenation so no block dominates (average-pooled for -avg)
+Block maps of the DCGAN D at 32 px: w x 16 x 16, 2w x 8 x 8, 4w x 4 x 4; of the ResNet D:
+2w x 16 x 16, 2w x 8 x 8, 2w x 8 x 8, 2w x 8 x 8. E.g. dcgan, w = 32, multi, grid4-max: 7 * 32 * 16 = 3584.
+
+The representation objectives (objectives.py) use RepresentationD below: the same blocks,
+with heads on the trunk features instead of (or beside) the GAN head.
 """
 from __future__ import annotations
 
@@ -48,9 +53,54 @@ def _sn(module: nn.Module, on: bool) -> nn.Module:
     return nn.utils.spectral_norm(module) if on else module
 
 
-def _pool_cat(feats: list[torch.Tensor]) -> torch.Tensor:
-    # each (N, C_i, H_i, W_i) -> (N, sum C_i)
-    return torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)
+# ---------------------------------------------------------------- read-outs
+
+DEFAULT_READOUT = "grid4-max"  # measured in benchmarks/quality.py (README, Embedding quality)
+
+
+def parse_readout(spec: str) -> tuple[int, str, bool]:
+    """'gap' -> (1, 'avg', no per-block norm); 'grid4-max' -> (4, 'max', L2 per block)."""
+    if spec == "gap":
+        return 1, "avg", False
+    head, _, pool = spec.partition("-")
+    if head.startswith("grid") and head[4:].isdigit() and int(head[4:]) >= 1 and pool in ("avg", "max"):
+        return int(head[4:]), pool, True
+    raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max)")
+
+
+def readout(feats: list[torch.Tensor], spec: str) -> torch.Tensor:
+    """Blocks (N, C_i, H_i, W_i) -> (N, E): each pooled to a G x G grid, flattened, normalised."""
+    grid, pool, norm = parse_readout(spec)
+    outs = []
+    for f in feats:
+        if grid == 1 and pool == "avg":
+            v = f.mean(dim=(2, 3))  # (N, C_i)
+        else:
+            pooled = F.adaptive_max_pool2d(f, grid) if pool == "max" else F.adaptive_avg_pool2d(f, grid)
+            v = pooled.flatten(1)  # (N, C_i * G * G)
+        outs.append(F.normalize(v.float(), dim=1).to(v.dtype) if norm else v)
+    return torch.cat(outs, dim=1)
+
+
+def _blocks(feats: list[torch.Tensor], features: str) -> list[torch.Tensor]:
+    return feats[-1:] if features == "last" else feats
+
+
+def embedding_dim(D: nn.Module, features: str, readout_spec: str, resolution: int, channels: int) -> int:
+    """E for this D, block choice and read-out; a grid larger than a block's map is a UserError."""
+    grid, _, _ = parse_readout(readout_spec)
+    if features not in ("last", "multi"):
+        raise UserError(f"features must be last or multi, got '{features}'")
+    was = D.training
+    D.eval()
+    with torch.no_grad():
+        feats = _blocks(unwrap(D).features(torch.zeros(1, channels, resolution, resolution)), features)
+    D.train(was)
+    small = min(min(f.shape[2:]) for f in feats)
+    if grid > small:
+        raise UserError(f"read-out {readout_spec} asks for a {grid}x{grid} grid but a D block's map is {small}x{small} "
+                        f"at {resolution} px; use a grid of at most {small} (e.g. grid{small}-max) or features=last")
+    return int(sum(f.shape[1] * grid * grid for f in feats))
 
 
 # ---------------------------------------------------------------- DCGAN
@@ -83,7 +133,7 @@ class DCGANDiscriminator(nn.Module):
     """image (N, C, R, R) -> logits (N,). LeakyReLU(0.2); BatchNorm after the first
     block unless spectral norm is on (SN replaces BN, as in SNGAN's DCGAN-D)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gan_head: bool = True):
         super().__init__()
         w, sn = cfg.width, cfg.spectral_norm
         n_down = int(math.log2(cfg.resolution)) - 2  # R -> 4x4
@@ -97,8 +147,9 @@ class DCGANDiscriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, inplace=False))
             self.blocks.append(nn.Sequential(*layers))
             c_in = c
-        self.head = _sn(nn.Conv2d(c_in, 1, 4, 1, 0), sn)  # (N, 1, 1, 1)
-        self.feature_dims = {"last": c_in, "multi": sum(w * 2**i for i in range(n_down))}
+        # The 4x4 conv head is a linear map of the flattened last block: trunk_dim inputs.
+        self.head = _sn(nn.Conv2d(c_in, 1, 4, 1, 0), sn) if gan_head else None  # (N, 1, 1, 1)
+        self.trunk_dim = c_in * 16
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
@@ -110,9 +161,11 @@ class DCGANDiscriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)[-1]).flatten()
 
-    def embed(self, x: torch.Tensor, features: str = "last") -> torch.Tensor:
-        feats = self.features(x)
-        return _pool_cat(feats[-1:] if features == "last" else feats)
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[-1].flatten(1)  # (N, 4w * 4 * 4)
+
+    def embed(self, x: torch.Tensor, features: str = "last", readout_spec: str = "gap") -> torch.Tensor:
+        return readout(_blocks(self.features(x), features), readout_spec)
 
 
 # ---------------------------------------------------------------- ResNet (SNGAN, 32 px)
@@ -170,15 +223,15 @@ class ResNetGenerator(nn.Module):
 class ResNetDiscriminator(nn.Module):
     """SNGAN CIFAR D: 32 -> 16 -> 8 -> 8 -> 8, ReLU, global sum pool, linear."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, gan_head: bool = True):
         super().__init__()
         c, sn = cfg.width * 2, cfg.spectral_norm
         self.blocks = nn.ModuleList(
             [DBlock(cfg.channels, c, sn, True, True), DBlock(c, c, sn, True, False),
              DBlock(c, c, sn, False, False), DBlock(c, c, sn, False, False)]
         )
-        self.fc = _sn(nn.Linear(c, 1), sn)
-        self.feature_dims = {"last": c, "multi": 4 * c}
+        self.fc = _sn(nn.Linear(c, 1), sn) if gan_head else None
+        self.trunk_dim = c
 
     def features(self, x):
         feats = []
@@ -189,12 +242,66 @@ class ResNetDiscriminator(nn.Module):
         return feats
 
     def forward(self, x):
-        h = self.features(x)[-1]  # (N, 2w, 8, 8)
-        return self.fc(h.sum(dim=(2, 3))).flatten()
+        return self.fc(self.trunk(x)).flatten()
 
-    def embed(self, x, features: str = "last"):
-        feats = self.features(x)
-        return _pool_cat(feats[-1:] if features == "last" else feats)
+    def trunk(self, x):
+        return self.features(x)[-1].sum(dim=(2, 3))  # (N, 2w): global sum pool, as SNGAN's head reads it
+
+    def embed(self, x, features: str = "last", readout_spec: str = "gap"):
+        return readout(_blocks(self.features(x), features), readout_spec)
+
+
+# ---------------------------------------------------------------- representation objectives
+
+
+def _mlp(d_in: int, d_out: int, hidden: int = 512) -> nn.Module:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, d_out))
+
+
+class RepresentationD(nn.Module):
+    """The blocks of a GAN D (`net`) with the heads an objective trains (objectives.py):
+
+      contrastive (ContraD): proj (NT-Xent between two views of reals), proj_fake (supervised
+        contrastive: fakes against reals), dis (real/fake, an MLP on *detached* trunk features:
+        the trunk learns from the contrastive losses only); net has no GAN head.
+      rotation (SS-GAN): net keeps its GAN head; rot predicts which of 4 rotations an image had.
+      autoencoder: net is the encoder; code maps the trunk to a z_dim code that G decodes.
+
+    forward(x) is what G's loss reads (real/fake logits (N,); the code (N, z_dim) for the
+    autoencoder); forward(x, train=True) returns every head's output of the D step, so DDP sees
+    one forward per batch in which every head takes part."""
+
+    def __init__(self, cfg: ModelConfig, objective: str, proj_dim: int = 128):
+        super().__init__()
+        self.objective = objective
+        self.net = _lookup(DISCRIMINATORS, cfg.arch, "architecture")(cfg, gan_head=objective == "rotation")
+        f = self.net.trunk_dim
+        if objective == "contrastive":
+            self.proj, self.proj_fake, self.dis = _mlp(f, proj_dim), _mlp(f, proj_dim), _mlp(f, 1)
+        elif objective == "rotation":
+            self.rot = nn.Linear(f, 4)
+        elif objective == "autoencoder":
+            self.code = nn.Linear(f, cfg.z_dim)
+        else:
+            raise UserError(f"unknown objective '{objective}'; valid: {', '.join(OBJECTIVES)}")
+
+    def features(self, x):
+        return self.net.features(x)
+
+    def embed(self, x, features: str = "last", readout_spec: str = "gap"):
+        return self.net.embed(x, features, readout_spec)
+
+    def forward(self, x, train: bool = False):
+        if self.objective == "rotation":
+            return (self.net(x), self.rot(self.net.trunk(x))) if train else self.net(x)  # (N,), (N, 4)
+        h = self.net.trunk(x)  # (N, F)
+        if self.objective == "autoencoder":
+            return self.code(h)  # (N, z_dim)
+        logits = self.dis(h.detach() if train else h).flatten()  # G's gradient flows through the trunk
+        return (logits, self.proj(h), self.proj_fake(h)) if train else logits  # (N,), (N, P), (N, P)
+
+
+OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
 
 
 GENERATORS = {"dcgan": DCGANGenerator, "resnet": ResNetGenerator}
@@ -226,8 +333,9 @@ def build_generator(cfg: ModelConfig) -> nn.Module:
     return g
 
 
-def build_discriminator(cfg: ModelConfig) -> nn.Module:
-    d = _lookup(DISCRIMINATORS, cfg.arch, "architecture")(cfg)
+def build_discriminator(cfg: ModelConfig, objective: str = "gan") -> nn.Module:
+    """The GAN D, or a RepresentationD (the same blocks with the objective's heads)."""
+    d = _lookup(DISCRIMINATORS, cfg.arch, "architecture")(cfg) if objective == "gan" else RepresentationD(cfg, objective)
     if cfg.arch == "dcgan":
         d.apply(_init_weights)
     return d
@@ -303,7 +411,7 @@ def discriminator_from_checkpoint(state: dict) -> tuple[nn.Module, ModelConfig]:
     """Rebuild D from a checkpoint's own config (the dict saved beside the weights)."""
     from . import config as C
 
-    cfg = C.from_dict(state["config"]).model
-    d = build_discriminator(cfg)
+    full = C.from_dict(state["config"])
+    d = build_discriminator(full.model, full.objective.name)
     d.load_state_dict(state["D"])
-    return d, cfg
+    return d, full.model

@@ -94,9 +94,9 @@ def diff_augment(x: torch.Tensor, policy: str) -> torch.Tensor:
 # ---------------------------------------------------------------- steps
 
 
-def grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """Total L2 norm of the gradients (foreach kernels, one result on the device)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+def grad_norm(*modules: torch.nn.Module) -> torch.Tensor:
+    """Total L2 norm of the modules' gradients (foreach kernels, one result on the device)."""
+    grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
@@ -130,31 +130,39 @@ class FiniteGuard:
 
 
 def _optimizer_step(nets: Nets, which: int, loss: torch.Tensor, module: torch.nn.Module, opt, scaler,
-                    step: int) -> torch.Tensor:
+                    step: int, also: list = ()) -> torch.Tensor:
     """backward -> (unscale) -> norm -> guard -> fused step that skips non-finite updates on the device.
+    `also`: further (module, optimizer) pairs the same loss trains (the autoencoder's decoder).
     Returns the gradient norm (a device tensor)."""
-    opt.zero_grad(set_to_none=True)
+    pairs = [(module, opt), *also]
+    for _, o in pairs:
+        o.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         # fp16: overflowing gradients are routine (GradScaler lowers the scale and skips that
         # update), so only a non-finite *loss* counts as divergence.
         scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        norm = grad_norm(module)
+        for _, o in pairs:
+            scaler.unscale_(o)
+        norm = grad_norm(*(m for m, _ in pairs))
         if nets.guard is not None:
             nets.guard.observe(which, step, ~torch.isfinite(loss))
-        scaler.step(opt)  # fused Adam: found_inf handed over on the device, no host sync
+        for _, o in pairs:
+            scaler.step(o)  # fused Adam: found_inf handed over on the device, no host sync
         scaler.update()
         return norm
     loss.backward()
-    norm = grad_norm(module)  # after DDP's all-reduce: every rank sees the same value
+    norm = grad_norm(*(m for m, _ in pairs))  # after DDP's all-reduce: every rank sees the same value
     bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
     if nets.guard is not None:
         nets.guard.observe(which, step, bad)
-    opt.found_inf = bad.float()  # read by the fused kernel: a bad update is skipped on the device
+    for _, o in pairs:
+        o.found_inf = bad.float()  # read by the fused kernel: a bad update is skipped on the device
     try:
-        opt.step()
+        for _, o in pairs:
+            o.step()
     finally:
-        del opt.found_inf
+        for _, o in pairs:
+            del o.found_inf
     return norm
 
 
@@ -162,9 +170,10 @@ def sample_z(n: int, z_dim: int, device, generator: torch.Generator | None = Non
     return torch.randn(n, z_dim, device=device, generator=generator)
 
 
-def d_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 0) -> dict[str, torch.Tensor]:
+def d_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 0, extra=None) -> dict[str, torch.Tensor]:
     """(1) Update D: maximise log D(x) + log(1 - D(G(z))) (or the chosen loss).
-    real: (N, C, H, W) in [-1, 1] on D's device; `step`: the G step this D step belongs to."""
+    real: (N, C, H, W) in [-1, 1] on D's device; `step`: the G step this D step belongs to;
+    `extra(D, real_in, amp)`: a further loss term of the objective (objectives.py)."""
     d_loss_fn, _ = get_loss(cfg.loss.name)
     G, D = nets.G, nets.D
     z = sample_z(real.shape[0], cfg.model.z_dim, real.device)
@@ -190,21 +199,31 @@ def d_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 0) -> dict[s
         loss = loss + cfg.loss.gp_weight * gradient_penalty(D, real_in.detach(), fake_in.detach())
     if r1:
         loss = loss + 0.5 * cfg.loss.r1_gamma * r1_penalty(real_logits, real_in)
+    out = {}
+    if extra is not None:
+        term = extra(D, real_in.detach(), nets.amp)
+        loss, out["loss/d_extra"] = loss + term, term.detach()
     norm = _optimizer_step(nets, 0, loss, D, nets.opt_d, nets.scaler_d, step)
-    return {"loss/d": loss.detach(), "d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean(), "grad_norm/d": norm}
+    return out | {"loss/d": loss.detach(), "d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean(),
+                  "grad_norm/d": norm}
 
 
-def g_step(nets: Nets, batch_size: int, device, cfg: Config, step: int = 0) -> dict[str, torch.Tensor]:
-    """(2) Update G: make D call G(z) real."""
+def g_step(nets: Nets, batch_size: int, device, cfg: Config, step: int = 0, augment=None,
+           extra=None) -> dict[str, torch.Tensor]:
+    """(2) Update G: make D call G(z) real. `augment(x)`: what D sees of G(z) (default: DiffAugment
+    with optim.diffaugment); `extra(D, fake, amp)`: a further loss term of the objective."""
     _, g_loss_fn = get_loss(cfg.loss.name)
+    augment = augment or (lambda x: diff_augment(x, cfg.optim.diffaugment))
     D_inner = unwrap(nets.D)
     D_inner.requires_grad_(False)  # gradient flows through D to G, not into D
     try:
         z = sample_z(batch_size, cfg.model.z_dim, device)
         with autocast(z.device, nets.amp):
             fake = nets.G(z)
-            logits = D_inner(diff_augment(fake.float(), cfg.optim.diffaugment)).float()
+            logits = D_inner(augment(fake.float())).float()
         loss = g_loss_fn(logits)
+        if extra is not None:
+            loss = loss + extra(D_inner, fake.float(), nets.amp)
         norm = _optimizer_step(nets, 1, loss, nets.G, nets.opt_g, nets.scaler_g, step)
     finally:
         D_inner.requires_grad_(True)

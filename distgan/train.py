@@ -26,7 +26,8 @@ from .data import decode_images, open_dataset, read_manifest, save_grid, to_devi
 from .models import STATE_FILE, build_discriminator, build_generator, load_state, resolve_amp, unwrap
 from .storage import Loc, check_access, in_fs, loc, upload_dir
 from .faults import FAULT_ENV, fault_at, slow_down  # noqa: F401  (FAULT_ENV re-exported for the tests)
-from .steps import FiniteGuard, Nets, NonFiniteError, d_step, ema_update, g_step, sample_z
+from .objectives import steps_for
+from .steps import FiniteGuard, Nets, NonFiniteError, ema_update, sample_z
 
 
 
@@ -42,7 +43,7 @@ def build_nets(cfg: Config, device) -> Nets:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     fmt = torch.channels_last if cfg.train.channels_last else torch.preserve_format
     G = build_generator(cfg.model).to(device, memory_format=fmt)
-    D = build_discriminator(cfg.model).to(device, memory_format=fmt)
+    D = build_discriminator(cfg.model, cfg.objective.name).to(device, memory_format=fmt)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     o = cfg.optim
     # fused=True: one kernel per step, and the only Adam that takes `found_inf` on the device,
@@ -282,6 +283,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         # training): report the saved metrics once, so callers see the run's end state.
         ray.train.report({**state.get("metrics", {}), "step": step, "epoch": epoch})
     stream = batches()
+    started = time.monotonic()  # for train.minutes: this attempt's own clock
+    d_step, g_step = steps_for(cfg)  # the objective's D and G updates (objectives.py); g_step None: no G step
     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0}
     acc: dict[str, list] = {}
     diverged = None
@@ -295,7 +298,8 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             if fault_at(step + 1) == "nan":
                 real = real * float("nan")
             out = d_step(nets, real, cfg, step + 1)
-        out |= g_step(nets, bs, device, cfg, step + 1)
+        if g_step is not None:
+            out |= g_step(nets, bs, device, cfg, step + 1)
         ema_update(nets.G_ema, nets.G, cfg.optim.ema_decay)
         step += 1
         window["steps"] += 1
@@ -304,8 +308,11 @@ def train_loop_per_worker(loop_config: dict) -> dict:
             acc.setdefault(k, []).append(v.detach())
         # Evaluate every eval.every steps, at the end, and at an attempt's first report, so
         # every report can carry eval/* metrics (Tune's schedulers compare them at each rung).
+        at_log = step % cfg.train.log_every == 0
+        if at_log and cfg.train.minutes and _time_is_up(started, cfg.train.minutes, device):
+            cfg = replace(cfg, train=replace(cfg.train, steps=step))  # this report is the last, with a checkpoint
         eval_now = bool(cfg.eval.every) and (step % cfg.eval.every == 0 or step == cfg.train.steps or not reported)
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0 or eval_now:
+        if at_log or step == cfg.train.steps or step % cfg.train.checkpoint_every == 0 or eval_now:
             try:
                 # The one host read of the steps' health per report, before anything is written:
                 # a NaN stops every rank here, at the same report, with no checkpoint of it.
@@ -337,6 +344,17 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     return {"diverged": diverged, "step": step, "workers": _replica_report(nets, rank)}
 
 
+def _time_is_up(started: float, minutes: float, device) -> bool:
+    """Whether any rank has used up train.minutes: one all-reduce (MAX) per log step, so every
+    rank stops after the same step."""
+    import torch.distributed as dist
+
+    up = torch.tensor([float(time.monotonic() - started >= 60 * minutes)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(up, op=dist.ReduceOp.MAX)
+    return bool(up.item())
+
+
 def _replica_report(nets: Nets, rank: int) -> list[dict]:
     """Every rank's node and a float64 fingerprint of its G and D parameters, gathered
     on all ranks: DDP replicas that drifted apart show different fingerprints."""
@@ -362,12 +380,11 @@ def _report(metrics, nets, cfg, step, epoch, fixed_z, rank, log: RunLog, with_ch
         log.write(metrics)
         # To the process's own stdout: Train V2 patches print() to tee into its logger as
         # well, which put every progress line on the driver's console twice.
-        print(
-            f"[distgan] step {step}/{cfg.train.steps} epoch {epoch} loss/d {metrics['loss/d']:.3f} "
-            f"loss/g {metrics['loss/g']:.3f} D(real) {metrics['d/real']:+.2f} D(fake) {metrics['d/fake']:+.2f} "
-            f"{metrics['img_per_s']:.0f} img/s",
-            file=sys.__stdout__, flush=True,
-        )
+        shown = " ".join(f"{k} {metrics[k]:.3f}" for k in ("loss/d", "loss/g", "loss/nt_xent", "loss/rec") if k in metrics)
+        if "d/real" in metrics:
+            shown += f" D(real) {metrics['d/real']:+.2f} D(fake) {metrics['d/fake']:+.2f}"
+        print(f"[distgan] step {step}/{cfg.train.steps} epoch {epoch} {shown} {metrics['img_per_s']:.0f} img/s",
+              file=sys.__stdout__, flush=True)
     if not with_checkpoint:
         ray.train.report(metrics)  # [4] every worker reports the same number of times
         return
@@ -405,7 +422,9 @@ def resolve_data(cfg: Config) -> Config:
     manifest = read_manifest(cfg.data.path)
     model = replace(cfg.model, resolution=manifest["resolution"], channels=manifest["channels"])
     data = replace(cfg.data, path=loc(cfg.data.path).uri)  # absolute, or the URI as given
-    return C.validate(replace(cfg, model=model, data=data))
+    cfg = C.validate(replace(cfg, model=model, data=data))
+    C.validate_for_data(cfg)
+    return cfg
 
 
 def train_bundles(cfg: Config) -> list[dict]:

@@ -379,3 +379,18 @@ def test_driver_memory_stays_flat_as_points_grow(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     small, large = (int(v) for v in next(l for l in proc.stdout.splitlines() if l.startswith("PEAKS")).split()[1:])
     assert (large - small) / 1024 < 40, (small, large)
+
+
+def test_umap_manifold_runs_in_the_fit_task_and_the_actors(ray_running, tmp_path):
+    """--manifold umap: fitted in the Ray task on a sample, saved as arrays, applied by every
+    assignment actor; the single-process replay of preprocess.npz gives the same clusters."""
+    pytest.importorskip("umap")
+    x, y = _blobs(n_per=150, k=4, d=12, seed=4)
+    m = K.run_clustering(_features(x, y), tmp_path / "u", k=4, preprocess="pca", pca_dim=8, manifold="umap",
+                         manifold_dim=3, nredo=5, seed=0, actors=2, progress=False)
+    assert m["manifold"] == "umap" and m["manifold_dim"] == 3 and m["acc"] > 0.99
+    pz = np.load(tmp_path / "u" / "preprocess.npz", allow_pickle=False)
+    assert pz["anchors"].shape == (600, 8) and pz["coords"].shape == (600, 3)
+    pre = K.Preprocess(str(pz["method"]), pz["mean"], pz["proj"], pz["anchors"], pz["coords"])
+    c, _ = K.search(K.centroid_index(np.load(tmp_path / "u" / "centroids.npy"), spherical=False), pre(x))
+    assert (_assignments(tmp_path / "u")["cluster"].to_numpy() == c).all()

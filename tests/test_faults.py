@@ -189,6 +189,7 @@ def _kill_one(class_name: str) -> int:
 def _embedding_reference(checkpoint, data) -> dict[int, np.ndarray]:
     """In-process embeddings of every image (no Ray): what every output must hold."""
     from distgan.data import COLUMNS, decode_images, shard_paths
+    from distgan.config import ClusterConfig
     from distgan.embed import embed_images, load_embedder
 
     D, state = load_embedder(checkpoint, data)
@@ -196,7 +197,8 @@ def _embedding_reference(checkpoint, data) -> dict[int, np.ndarray]:
     for f in shard_paths(data):
         t = pq.read_table(f.path, columns=list(COLUMNS), filesystem=f.fs)
         m = state["config"]["model"]
-        emb = embed_images(D, decode_images(t["image"].to_pylist(), m["resolution"], m["channels"]), "last")
+        cl = ClusterConfig()  # the CLI's defaults: what `distgan embed` without flags computes
+        emb = embed_images(D, decode_images(t["image"].to_pylist(), m["resolution"], m["channels"]), cl.features, cl.readout)
         ref.update(zip(t["id"].to_pylist(), emb))
     return ref
 

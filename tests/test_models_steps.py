@@ -8,7 +8,7 @@ import torch
 from distgan import config as C
 from distgan.config import UserError
 from distgan.losses import LOSSES, d_hinge, d_lsgan, d_ns, d_wgan, g_hinge, g_lsgan, g_ns, g_wgan, gradient_penalty, r1_penalty
-from distgan.models import build_discriminator, build_generator
+from distgan.models import build_discriminator, build_generator, embedding_dim
 from distgan.steps import NonFiniteError, d_step, diff_augment, ema_update, g_step
 from distgan.train import build_nets, load_state, restore, state_dict
 
@@ -43,8 +43,12 @@ def test_shapes_and_embed_sizes(arch, sn):
     x = G(torch.randn(4, 16))
     assert x.shape == (4, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
     assert D(x).shape == (4,)
-    for feats in ("last", "multi"):
-        assert D.embed(x, feats).shape == (4, D.feature_dims[feats])
+    w = cfg.model.width
+    blocks = {"dcgan": [(w, 16), (2 * w, 8), (4 * w, 4)], "resnet": [(2 * w, 16)] + [(2 * w, 8)] * 3}[arch]  # (C, H)
+    for feats, chosen in (("last", blocks[-1:]), ("multi", blocks)):
+        for readout, per in (("gap", lambda c, h: c), ("grid4-max", lambda c, h: 16 * c), ("grid2-avg", lambda c, h: 4 * c)):
+            assert D.embed(x, feats, readout).shape == (4, sum(per(c, h) for c, h in chosen))
+            assert embedding_dim(D, feats, readout, 32, 3) == sum(per(c, h) for c, h in chosen)
 
 
 def test_dcgan_64px_single_channel():

@@ -28,8 +28,11 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (loc(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_workers_batchnorm_d_stay_in_sync(ray_running, fake_dir, tmp_path):
-    cfg = _cfg(fake_dir, **{"train.num_workers": 2, "model.spectral_norm": False})  # dcgan D with BatchNorm
+@pytest.mark.parametrize("objective", ["gan", "contrastive"])
+def test_two_workers_batchnorm_d_stay_in_sync(ray_running, fake_dir, tmp_path, objective):
+    """DDP replicas identical after training; under ContraD that includes its three heads."""
+    cfg = _cfg(fake_dir, **{"train.num_workers": 2, "model.spectral_norm": False,  # dcgan D with BatchNorm
+                            "objective.name": objective})
     res = run_training(cfg, storage=str(tmp_path), name="ddp")
     assert res.step == 6
     ranks = sorted(res.workers, key=lambda w: w["rank"])
@@ -37,6 +40,8 @@ def test_two_workers_batchnorm_d_stay_in_sync(ray_running, fake_dir, tmp_path):
     assert ranks[0]["G"] == ranks[1]["G"] and ranks[0]["D"] == ranks[1]["D"]  # DDP replicas identical
     state = load_state(res.checkpoint)
     assert state["step"] == 6 and state["config"]["train"]["num_workers"] == 2
+    if objective == "contrastive":
+        assert {"proj.0.weight", "proj_fake.0.weight", "dis.0.weight"} <= set(state["D"])
     rows = _metrics(res.run_dir)
     assert [r["step"] for r in rows] == [2, 4, 6]
     for key in ("epoch", "loss/d", "loss/g", "d/real", "d/fake", "grad_norm/d", "grad_norm/g", "img_per_s", "data_wait_frac"):
@@ -95,3 +100,10 @@ def test_nan_stops_with_clear_error_and_no_bad_checkpoint(ray_running, fake_dir,
     ckpts = sorted((tmp_path / "nan").glob("checkpoint_0*"))
     assert [p.name for p in ckpts] == ["checkpoint_0000002"]
     assert all(torch.isfinite(t).all() for t in load_state(ckpts[0])["D"].values() if t.is_floating_point())
+
+
+def test_minutes_budget_stops_at_the_next_report_with_a_checkpoint(ray_running, fake_dir, tmp_path):
+    cfg = _cfg(fake_dir, **{"train.steps": 10_000, "train.checkpoint_every": 10_000, "train.minutes": 1e-4})
+    res = run_training(cfg, storage=str(tmp_path), name="budget")
+    assert res.step == 2  # the first report after 6 ms of training
+    assert load_state(res.checkpoint)["step"] == 2 and res.checkpoint.endswith("checkpoint_0000002")

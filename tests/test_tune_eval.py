@@ -113,6 +113,9 @@ def test_standard_fid_path_reads_a_local_inception_file(fake_dir, inception_weig
     ("optim.lr_d: {loguniform: [0.0, 0.1]}", "low > 0"),
     ("model.arch: {choice: [dcgan, vit]}", "dcgan, resnet"),
     ("optim.lr_d: {normal: [0, 1]}", "exactly one of choice"),
+    ("objective.name: {choice: [gan, contrastive]}\nloss.name: {choice: [hinge, wgan-gp]}\n"
+     "model.spectral_norm: {choice: [true]}", "loss.name=wgan-gp, objective.name=contrastive, which is not valid"),
+    ("objective.name: {choice: [gan, byol]}", "objective.name='byol' is not valid"),
 ])
 def test_bad_space_files(tmp_path, text, match):
     f = tmp_path / "space.yaml"
@@ -205,11 +208,11 @@ def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, b
     space.write_text("optim.lr_d: {grid: [1.0e-8, 2.0e-3]}\noptim.lr_g: {loguniform: [1.0e-4, 4.0e-4]}\n")
     code = main(["tune", "--space", str(space), "--data", str(fake_dir), "--trials", "1", "--scheduler", "pbt",
                  "--metric", "loss/d", "--mode", "min", "--max-concurrent", "2", "--storage", storage.uri,
-                 "--name", "pbt", *TUNE_FLAGS[:-1], "20"])  # 4 segments of 5 steps: room for an exploit at 10 or 15
+                 "--name", "pbt", *TUNE_FLAGS[:-1], "15"])  # 3 segments of 5 steps: room for an exploit at 5 or 10
     assert code == 0
     exp = storage / "pbt"
     df = pd.read_csv(io.BytesIO((exp / "results.csv").read_bytes()), dtype={"restored from": str})
-    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["steps"] == 20).all()
+    assert len(df) == 2 and set(df["status"]) == {"TERMINATED"} and (df["steps"] == 15).all()
     exploited = df[df["restored from"].notna()]
     assert len(exploited) >= 1, "no trial was restored from another's checkpoint"
     row = exploited.iloc[0]

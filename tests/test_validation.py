@@ -37,6 +37,14 @@ TRAIN = ["--set", "model.width=8"]
     (["--steps", "0"], "train.steps must be"),
     (["--set", "data.batch_size=0"], "data.batch_size must be"),
     (["--set", "train.checkpoint_every=-1"], "train.checkpoint_every must be"),
+    (["--set", "objective.name=contrastive", "--set", "loss.name=wgan-gp", "--set", "model.spectral_norm=true"],
+     "does not take a gradient penalty"),
+    (["--set", "objective.name=autoencoder", "--set", "loss.r1_gamma=1"], "does not take a gradient penalty"),
+    (["--set", "objective.name=contrastive", "--set", "objective.augment=crop,color"],
+     "colour augmentations need RGB data"),  # the fake dataset is grayscale
+    (["--set", "objective.augment=crop,blur"], "objective.augment='blur' is not valid"),
+    (["--set", "objective.name=simclr"], "objective.name='simclr' is not valid"),
+    (["--set", "cluster.readout=grid4-median"], "unknown read-out 'grid4-median'"),
 ])
 def test_train_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     out = tmp_path / "runs"
@@ -64,6 +72,8 @@ def test_tune_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     (["--actors", "0"], "--actors must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--features", "everything"], "--features must be last or multi"),
+    (["--readout", "grid8-max"], "read-out grid8-max asks for a 8x8 grid but a D block's map is 4x4"),
+    (["--readout", "pyramid"], "unknown read-out 'pyramid'"),
 ])
 def test_embed_flags(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path, flags, expect):
     out = tmp_path / "emb"
@@ -101,6 +111,9 @@ def test_embed_checkpoint_without_distgans_format_tag(no_ray, capsys, fake_dir, 
     (["--k", "5", "--pca-dim", "0"], "--pca-dim must be >= 1"),
     (["--k", "5", "--sample", "401"], "--sample must be between 1 and the number of points (400)"),
     (["--k", "5", "--gpus", "-1"], "--gpus must be >= 0"),
+    (["--k", "5", "--manifold", "tsne"], "--manifold must be none or umap"),
+    (["--k", "5", "--manifold", "umap", "--manifold-dim", "0"], "--manifold-dim must be >= 1"),
+    (["--k", "5", "--preprocess", "ica"], "--preprocess must be one of"),
 ])
 def test_cluster_flags(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     out = tmp_path / "c"

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import UserError
+from ..config import ClusterConfig, UserError
+
+CLUSTER = ClusterConfig()  # the CLI's clustering defaults are the config's (pipeline and jobs use the same)
 
 from .commands import (cmd_cluster, cmd_embed, cmd_evaluator_train, cmd_info, cmd_prepare, cmd_probe, cmd_report,
                        cmd_train, cmd_tune)
@@ -75,8 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="prepared dataset: images for montage.png (and the input with --checkpoint)")
     s.add_argument("--k", type=int, required=True)
     s.add_argument("--out", required=True)
-    s.add_argument("--preprocess", default="pca-whiten", help="none | l2 | pca-whiten")
-    s.add_argument("--pca-dim", type=int, help="PCA dimensions of pca-whiten (default: 64, or the features' dimension if smaller)")
+    s.add_argument("--preprocess", default=CLUSTER.preprocess,
+                   help=f"none | l2 | pca (PCA, then L2) | pca-whiten (PCA with whitening, then L2); default {CLUSTER.preprocess}")
+    s.add_argument("--pca-dim", type=int, help=f"PCA dimensions (default: {CLUSTER.pca_dim}, or the features' dimension if smaller)")
+    s.add_argument("--manifold", default=CLUSTER.manifold,
+                   help="none | umap: UMAP fitted on a sample, every point placed by its nearest sample points, then k-means")
+    s.add_argument("--manifold-dim", type=int, default=CLUSTER.manifold_dim, help="UMAP output dimensions")
     s.add_argument("--niter", type=int, default=20)
     s.add_argument("--nredo", type=int, default=1)
     s.add_argument("--spherical", action="store_true")
@@ -148,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--dtype", default="float16", help="float16 | float32")
-    p.add_argument("--features", default="last", help="last | multi (pooled features of every D block)")
+    p.add_argument("--features", default=CLUSTER.features, help=f"last | multi (every D block); default {CLUSTER.features}")
+    p.add_argument("--readout", default=CLUSTER.readout,
+                   help=f"gap (global average) | gridG-max | gridG-avg (each block pooled to G x G, L2 per block); "
+                        f"default {CLUSTER.readout}")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="inference precision on GPUs (auto: bf16 on Ampere+, fp16 before; CPUs always fp32)")
 

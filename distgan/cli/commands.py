@@ -4,9 +4,11 @@ from __future__ import annotations
 
 
 from .. import config as C
-from ..config import UserError
+from ..config import ClusterConfig, UserError
 from ..storage import check_access, loc
 from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, smoke_inputs
+
+CLUSTER = ClusterConfig()  # defaults shared with the parser, the pipeline and the job configs
 
 
 # ---------------------------------------------------------------- commands
@@ -56,8 +58,10 @@ def cmd_embed(args) -> None:
     # embed_dataset checks the flags, the checkpoint (weights_only, distgan's format tag) and
     # the dataset before it starts Ray.
     m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      features=args.features, num_actors=args.actors, overwrite=args.overwrite, amp=args.amp)
-    print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}) -> {args.out}")
+                      features=args.features, readout=args.readout, num_actors=args.actors, overwrite=args.overwrite,
+                      amp=args.amp)
+    print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}, readout={m['readout']}) "
+          f"-> {args.out}")
 
 
 def _cluster_features(args):
@@ -76,10 +80,11 @@ def _cluster_features(args):
     from ..data import read_manifest
     from ..embed import embed_dataset
 
-    check_request(read_manifest(args.data)["count"], args.k, args.sample, args.gpus)  # before embedding
+    check_request(read_manifest(args.data)["count"], args.k, args.sample, args.gpus, manifold=args.manifold,
+                  manifold_dim=args.manifold_dim, preprocess=args.preprocess)  # before embedding
     emb = loc(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
-                  features=args.features, overwrite=args.overwrite, amp=args.amp)
+                  features=args.features, readout=args.readout, overwrite=args.overwrite, amp=args.amp)
     return embedding_features(emb)
 
 
@@ -93,11 +98,13 @@ def cmd_cluster(args) -> None:
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
     feats = _cluster_features(args)
     # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
-    check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim)
+    check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim, args.manifold, args.manifold_dim,
+                  args.preprocess)
     check_access(loc(args.out), write=True)
     init_ray()
-    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim or 64, niter=args.niter,
-                       nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
+    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim or CLUSTER.pca_dim,
+                       niter=args.niter, nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
+                       manifold=args.manifold, manifold_dim=args.manifold_dim,
                        data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
                        actors=args.actors or 0, keep=("embeddings", "smoke-inputs") if args.checkpoint else ("smoke-inputs",))
     print_cluster_metrics(m)

@@ -17,7 +17,7 @@ from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
-from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search
+from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search  # noqa: F401
 from .metrics import contingency
 
 QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
@@ -64,22 +64,27 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
 
 
 def _fit(ds, kind: str, dim: int, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
-         sample: int, seed: int, gpus: int) -> dict:
-    """The Ray task: sample -> preprocessing -> faiss k-means. Returns plain arrays."""
+         sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10) -> dict:
+    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means. Returns plain arrays."""
     threads = set_faiss_threads()
     if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
         skip_progress_notice()
     t = time.perf_counter()
     x = _collect_sample(ds, kind, dim, sample, seed)
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
+    if manifold == "umap":
+        from .manifold import fit_umap
+
+        pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
     x = pre(x)
     km = kmeans(x, k, niter, nredo, spherical, seed, gpu=gpus if gpus else False)
-    return {"centroids": np.asarray(km.centroids, np.float32), "method": pre.method, "mean": pre.mean, "proj": pre.proj,
+    return {"centroids": np.asarray(km.centroids, np.float32), "pre": pre,
             "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads, "node": os.uname().nodename}
 
 
 def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
-               sample: int, seed: int, gpus: int = 0) -> tuple[np.ndarray, Preprocess, dict]:
+               sample: int, seed: int, gpus: int = 0, manifold: str = "none",
+               manifold_dim: int = 10) -> tuple[np.ndarray, Preprocess, dict]:
     """Draw the sample with Ray Data, then run `_fit` in a fresh worker process (max_calls=1:
     no OpenMP state left by torch in a reused worker) with all of one node's CPUs, or
     `gpus` GPUs of one node."""
@@ -88,8 +93,8 @@ def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter:
     ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
     r = ray.get(task.remote(ds, features.kind, features.dim, k, preprocess, pca_dim, niter, nredo, spherical,
-                            sample, seed, gpus))
-    return r["centroids"], Preprocess(r["method"], r["mean"], r["proj"]), r
+                            sample, seed, gpus, manifold, manifold_dim))
+    return r["centroids"], r["pre"], r
 
 
 class Assigner:
@@ -236,12 +241,26 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     return totals
 
 
-def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None) -> int:
+def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None,
+                  manifold: str = "none", manifold_dim: int = 10, preprocess: str = "none") -> int:
     """The checks that need no Ray, before anything starts; returns the sample size to train on.
     pca_dim (0: no PCA) must fit the features' dim when that is known."""
     from .fit import require_faiss
 
     require_faiss()
+    from .fit import METHODS
+
+    if preprocess not in METHODS:
+        raise UserError(f"--preprocess must be one of {', '.join(METHODS)}, got '{preprocess}'")
+    if manifold not in ("none", "umap"):
+        raise UserError(f"--manifold must be none or umap, got '{manifold}'")
+    if manifold == "umap":
+        try:
+            import umap  # noqa: F401
+        except ImportError:
+            raise UserError("--manifold umap needs umap-learn: pip install umap-learn") from None
+        if manifold_dim < 1:
+            raise UserError(f"--manifold-dim must be >= 1, got {manifold_dim}")
     if sample < 0 or sample > count:
         raise UserError(f"--sample must be between 1 and the number of points ({count}), got {sample}")
     size = sample or default_sample(count, k)

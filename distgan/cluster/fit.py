@@ -1,4 +1,4 @@
-"""Preprocessing (none | l2 | pca-whiten), faiss k-means and nearest-centroid search.
+"""Preprocessing (none | l2 | pca | pca-whiten, then optionally a manifold), faiss k-means and nearest-centroid search.
 Numpy in, numpy out."""
 from __future__ import annotations
 
@@ -10,38 +10,66 @@ from ..config import UserError
 
 @dataclass
 class Preprocess:
-    """x -> ((x - mean) @ proj) then optional L2 normalisation. proj is (E, d)."""
+    """x (B, E) -> ((x - mean) @ proj) (B, d), L2-normalised for l2 / pca / pca-whiten, then
+    optionally placed on a manifold (B, m) fitted on a sample (manifold.py: `anchors` (S, d)
+    are sample points after the steps before, `coords` (S, m) their UMAP coordinates)."""
 
     method: str
     mean: np.ndarray | None = None
     proj: np.ndarray | None = None
+    anchors: np.ndarray | None = None
+    coords: np.ndarray | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32, copy=False)
         if self.proj is not None:
             x = (x - self.mean) @ self.proj
-        if self.method in ("l2", "pca-whiten"):
+        if self.method in NORMALISED:
             x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.anchors is not None:
+            from .manifold import place
+
+            if getattr(self, "_index", None) is None:  # built once per process (an actor), never pickled
+                import faiss
+
+                self._index = faiss.IndexFlatL2(self.anchors.shape[1])
+                self._index.add(self.anchors)
+            x = place(self._index, self.coords, x)
+        return x
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_index"}
+
+    def arrays(self) -> dict:
+        """What preprocess.npz holds (plain arrays, loaded with allow_pickle=False)."""
+        return {k: v for k, v in (("mean", self.mean), ("proj", self.proj), ("anchors", self.anchors),
+                                  ("coords", self.coords)) if v is not None}
+
+
+METHODS = ("none", "l2", "pca", "pca-whiten")
+NORMALISED = ("l2", "pca", "pca-whiten")
 
 
 def fit_preprocess(x: np.ndarray, method: str, pca_dim: int = 64, sample: int = 20000, seed: int = 0) -> Preprocess:
-    """`pca-whiten` follows DeepCluster: PCA with eigen power -0.5, then L2. PCA is fit
-    on a sample of at most 20k points: the covariance (E x E) from 20k rows matched a
-    fit on all points, at a fraction of the cost."""
-    if method not in ("none", "l2", "pca-whiten"):
-        raise UserError(f"--preprocess must be none, l2 or pca-whiten, got '{method}'")
-    if method != "pca-whiten":
+    """`pca`: PCA to pca_dim, then L2. `pca-whiten` follows DeepCluster: PCA with eigen power
+    -0.5, then L2 (whitening measured worse on the spatial read-outs: README, Embedding quality).
+    Fitted by scikit-learn's PCA (covariance eigendecomposition for narrow features, randomized
+    SVD for wide ones such as a 7,168-d grid read-out) on a sample of at most 20k points."""
+    if method not in METHODS:
+        raise UserError(f"--preprocess must be one of {', '.join(METHODS)}, got '{method}'")
+    if not method.startswith("pca"):
         return Preprocess(method)
+    from sklearn.decomposition import PCA
+
     rng = np.random.default_rng(seed)
-    s = x[rng.choice(len(x), min(sample, len(x)), replace=False)].astype(np.float64)
-    mean = s.mean(axis=0)
-    cov = np.cov(s - mean, rowvar=False)  # (E, E)
-    evals, evecs = np.linalg.eigh(cov)  # ascending
+    s = x[np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))].astype(np.float32)
     d = min(pca_dim, x.shape[1], len(s) - 1)
-    top = np.argsort(evals)[::-1][:d]
-    proj = evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-8))  # whiten: eigen power -0.5
-    return Preprocess(method, mean.astype(np.float32), proj.astype(np.float32))
+    pca = PCA(n_components=d, whiten=method == "pca-whiten", random_state=seed).fit(s)
+    proj = pca.components_.T  # (E, d)
+    if method == "pca-whiten":
+        proj = proj / np.sqrt(np.maximum(pca.explained_variance_, 1e-8))  # eigen power -0.5
+    return Preprocess(method, pca.mean_.astype(np.float32), np.ascontiguousarray(proj, np.float32))
 
 
 # ---------------------------------------------------------------- k-means

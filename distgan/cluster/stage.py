@@ -10,6 +10,7 @@ from ..config import UserError
 from ..data import decode_images, read_manifest, save_grid, shard_paths
 from ..storage import Loc, check_access, loc
 from .features import Features
+from .manifold import MANIFOLD_SAMPLE
 from .metrics import metrics_from_contingency
 
 SPEC = ".cluster-spec.json"  # what a (possibly interrupted) output folder is computed from
@@ -20,7 +21,7 @@ OUTPUTS = ("assignments", ".assignments.tmp", "assignments.parquet", "centroids.
 def run_clustering(
     features: Features, out: str, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
     niter: int = 20, nredo: int = 1, spherical: bool = False, sample: int = 0, seed: int = 0,
-    data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
+    manifold: str = "none", manifold_dim: int = 10, data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
     gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (),
 ) -> dict:
     """Fit on a sample in a Ray task, assign every point with Ray Data actors, write
@@ -36,7 +37,8 @@ def run_clustering(
 
     out = loc(out)
     check_access(out, write=True)
-    size = check_request(features.count, k, sample, gpus)  # pca_dim is clamped to the dimension here
+    size = check_request(features.count, k, sample, gpus, manifold=manifold, manifold_dim=manifold_dim,
+                         preprocess=preprocess)  # pca_dim is clamped later
     check_gpus(gpus)
     if not gpus:  # a cluster scaled to zero: one CPU node first (the fit task and the actors size from it)
         from ..capacity import wait_for
@@ -45,7 +47,7 @@ def run_clustering(
     # What this folder is computed from: the same command run again (after a crash) resumes.
     spec = {"features": features.description, "files": features.files, "count": features.count, "k": k,
             "preprocess": preprocess, "pca_dim": pca_dim, "niter": niter, "nredo": nredo, "spherical": spherical,
-            "sample": sample, "seed": seed}
+            "sample": sample, "seed": seed, "manifold": manifold, "manifold_dim": manifold_dim}
     resume = not overwrite and (out / SPEC).is_file() and (out / SPEC).read_json() == spec
     if not resume:
         if set(p.name for p in out.iterdir()) - set(keep) and not overwrite:
@@ -61,22 +63,23 @@ def run_clustering(
     if resume and (out / "preprocess.npz").is_file():  # written after centroids.npy: both are there
         centroids = _load_npy(out / "centroids.npy")
         with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
-            pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj")))
+            pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
         fit = (out / ".fit.json").read_json()
         print(f"faiss k-means: reusing the centroids in {out} (an interrupted run of this command)")
     else:
         print(f"faiss k-means: k={k} on {size} of {features.count} points"
-              f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}; "
+              f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}"
+              f"{f', after UMAP to {manifold_dim}-d (fitted on {min(size, MANIFOLD_SAMPLE)} points)' if manifold == 'umap' else ''}; "
               f"{features.description}")
-        centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus)
+        centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
+                                         manifold, manifold_dim)
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": time.perf_counter() - t0}
         (out / ".fit.json").write_json(fit)
         buf = io.BytesIO()
         np.save(buf, centroids)
         (out / "centroids.npy").write_bytes(buf.getvalue())
         buf = io.BytesIO()
-        np.savez(buf, method=pre.method, spherical=spherical,  # what the actors apply
-                 **{name: v for name, v in (("mean", pre.mean), ("proj", pre.proj)) if v is not None})
+        np.savez(buf, method=pre.method, spherical=spherical, **pre.arrays())  # what the actors apply
         (out / "preprocess.npz").write_bytes(buf.getvalue())  # last, and atomic: marks the fit as complete
     t_fit = fit["seconds"]
 
@@ -98,7 +101,8 @@ def run_clustering(
     metrics = {
         "k": k, "n": totals.n, "inertia": totals.inertia, "sizes": sizes.tolist(),
         "empty_clusters": int((sizes == 0).sum()), "features": features.description,
-        "preprocess": preprocess, "pca_dim": pca_dim if preprocess == "pca-whiten" else None,
+        "preprocess": preprocess, "pca_dim": pca_dim if preprocess.startswith("pca") else None,
+        "manifold": manifold, "manifold_dim": manifold_dim if manifold != "none" else None,
         "niter": niter, "nredo": nredo, "spherical": spherical, "trained_on": fit["trained_on"],
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
         "seconds_fit": round(t_fit, 3), "resumed": resume, "seconds_assign": round(totals.seconds_assign, 3),
