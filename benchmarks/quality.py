@@ -1,86 +1,182 @@
-"""Clustering and probe quality on MNIST and Fashion-MNIST (all 70,000 images each):
-k-means (k = 10) on raw pixels, on the embeddings of the same D at random
-initialisation (the control), and on D embeddings after a training run of the
-length given below; for each --features and --preprocess choice; plus
-linear-probe accuracy. Training must beat its own control to claim anything.
+"""Embedding quality on MNIST, Fashion-MNIST (all 70,000 images each) and the CIFAR-10 copy:
+clustering (k = 10) and linear-probe accuracy of raw pixels, of a random-init D (the control),
+and of Ds trained for a wall-clock budget with each objective, each through the chosen read-out
+and the old global-average one, with and without the UMAP step.
 
-    python -m benchmarks.quality [--quick] [--steps N]
+One row (a dataset x a model) per call; rows accumulate in benchmarks/results/quality.json and
+the table is rebuilt from all of them, so it can be filled over several sittings:
+
+    python -m benchmarks.quality --dataset fashion-mnist --only pixels
+    python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 10
+    python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 30 --seed 1
+
+Training runs through `distgan train`'s own loop (Ray Train, 1 worker) from the shipped config
+of the dataset (jobs/configs), with objective.name set and train.minutes as the budget; steps
+reached and wall time are reported. Clustering runs the functions `distgan cluster` runs
+(fit_preprocess, fit_umap, faiss k-means) in this process, on every point, for 3 k-means seeds.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from distgan import config as C
-from distgan.cluster import array_features, linear_probe, pixel_features, run_clustering
-from distgan.data import decode_images, init_ray, prepare, read_arrays
-from distgan.embed import embed_images, load_embedder
-from distgan.train import resolve_data, run_training, save_untrained_checkpoint
+from .common import DATASETS, REPO, machine, machine_line, markdown_table, results_dir
 
-from .common import DATASETS, write_results
+ANCHORS = """Anchors (published, not measured here; ACC / NMI / ARI on all 70,000 images unless noted):
+autoencoder + k-means: Fashion 0.606 / 0.637 / 0.474, MNIST 0.879 / 0.807 / 0.783; DEC: Fashion 0.618 / 0.651 / 0.494,
+MNIST 0.912 / 0.869 / 0.856 (XifengGuo/DEC-keras, results/exp1); ClusterGAN (500k G steps, test split): Fashion
+0.61 / 0.62 / 0.46, MNIST 0.91 / 0.85 / 0.83; N2D (autoencoder + UMAP + GMM): Fashion 0.672 / 0.684."""
 
-ANCHORS = """Anchors (not measured here): faiss k-means on raw pixels of all 70,000 images (k = 10, 50 iterations,
-mean of 3 seeds): MNIST ACC 0.53, NMI 0.48, ARI 0.35; Fashion-MNIST ACC 0.49, NMI 0.52, ARI 0.35.
-ClusterGAN (mean of 10 runs, its README): MNIST ACC 0.91, NMI 0.85, ARI 0.83; Fashion-MNIST ACC 0.61, NMI 0.62, ARI 0.46."""
+CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "cifar10": "resnet_cifar10.yaml"}
+MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
+# (read-out, preprocess): the chosen one and the one distgan used before.
+READOUTS = (("grid4-max", "pca"), ("gap", "pca-whiten"))
+MANIFOLDS = ("none", "umap")
+SEEDS = (0, 1, 2)
+COLUMNS = ["dataset", "model", "train", "read-out", "manifold", "acc", "nmi", "ari", "probe acc"]
 
 
-def kmeans_rows(feats, out: Path, seeds, **kw) -> dict:
-    ms = [run_clustering(feats, out, 10, seed=s, overwrite=True, progress=False, **kw) for s in seeds]
-    return {k: float(np.mean([m[k] for m in ms])) for k in ("acc", "nmi", "ari")}
+def cluster_scores(x: np.ndarray, y: np.ndarray, preprocess: str, manifold: str, seed: int, pca_dim: int = 64) -> dict:
+    """What `distgan cluster` computes, in this process: preprocessing and UMAP fitted on a sample,
+    faiss k-means (k = 10) on every point, metrics against the labels."""
+    from distgan.cluster import clustering_metrics, fit_preprocess, kmeans, search
+    from distgan.cluster.manifold import fit_umap
+
+    pre = fit_preprocess(x, preprocess, min(pca_dim, x.shape[1]), seed=seed)
+    if manifold == "umap":
+        pre.anchors, pre.coords = fit_umap(pre(x), 10, seed)
+    z = pre(x)
+    c, _ = search(kmeans(z, 10, niter=50, seed=seed).index, z)
+    return clustering_metrics(y, c)
+
+
+def evaluate(x: np.ndarray, a: dict, preprocess: str, manifold: str) -> dict:
+    from distgan.cluster import array_features, linear_probe
+
+    runs = [cluster_scores(x, a["label"], preprocess, manifold, s) for s in SEEDS]
+    out = {}
+    for key in ("acc", "nmi", "ari"):
+        v = np.array([r[key] for r in runs])
+        out[key], out[f"{key}_std"] = float(v.mean()), float(v.std())
+    feats = array_features(a["id"], a["label"], a["split"], x, "x")
+    out["probe acc"] = float(linear_probe(feats, max_train=20000)["accuracy"])
+    return out
+
+
+def train(dataset: str, data: Path, model: str, minutes: float, seed: int, tmp: Path,
+          sets: list[str] = ()) -> tuple[str, dict]:
+    """A checkpoint of `model` (random: step 0) and what training reached."""
+    from distgan import config as C
+    from distgan.train import resolve_data, run_training, save_untrained_checkpoint
+
+    over = {"data.path": str(data), "train.seed": seed, "train.steps": 10**7, "train.minutes": float(minutes),
+            "train.checkpoint_every": 10**7, "train.log_every": 50, "train.max_failures": 0}
+    if model != "random":
+        over["objective.name"] = model
+    over |= C.parse_overrides(list(sets))
+    cfg = resolve_data(C.load(REPO / "jobs" / "configs" / CONFIGS[dataset], over))
+    if model == "random":
+        return save_untrained_checkpoint(cfg, tmp / "control"), {"steps": 0, "minutes": 0.0}
+    t = time.perf_counter()
+    r = run_training(cfg, storage=str(tmp / "runs"), name=model)
+    return r.checkpoint, {"steps": r.step, "minutes": round((time.perf_counter() - t) / 60, 1)}
+
+
+def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str] = ()) -> list[dict]:
+    from distgan.data import decode_images, init_ray, prepare, read_arrays
+    from distgan.embed import embed_images, load_embedder
+
+    tmp = Path(tempfile.mkdtemp(prefix="distgan-quality-"))
+    data = tmp / dataset
+    prepare(dataset, data, data_root=DATASETS, progress=False)
+    a = read_arrays(data)
+    a["label"] = a["label"].astype(np.int64)
+    rows = []
+    base = {"dataset": dataset, "model": model, "seed": seed}
+    if model == "pixels":
+        m = json.loads((data / "dataset.json").read_text())
+        x = decode_images(a["image"], m["resolution"], m["channels"]).reshape(len(a["id"]), -1).astype(np.float32) / 255
+        for manifold in MANIFOLDS:
+            rows.append({**base, "train": "-", "read-out": f"{x.shape[1]} pixels", "preprocess": "pca",
+                         "manifold": manifold, **evaluate(x, a, "pca", manifold)})
+            print(rows[-1], flush=True)
+        return rows
+    init_ray()
+    ckpt, reached = train(dataset, data, model, minutes, seed, tmp, sets)
+    D, state = load_embedder(ckpt, data)
+    m = state["config"]["model"]
+    images = decode_images(a["image"], m["resolution"], m["channels"])
+    label = "random init" if model == "random" else f"{minutes:g} min, {reached['steps']} steps, seed {seed}"
+    label += "".join(f", {s}" for s in sets)
+    for readout, preprocess in READOUTS:
+        x = embed_images(D, images, "multi", readout, batch_size=256)
+        for manifold in MANIFOLDS:
+            rows.append({**base, "train": label, "steps": reached["steps"], "minutes": minutes,
+                         "read-out": f"{readout} ({x.shape[1]}-d), {preprocess}", "preprocess": preprocess,
+                         "manifold": manifold, **evaluate(x, a, preprocess, manifold)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["model"], r.get("minutes", 0), r.get("seed", 0), r.get("sets", ""),
+            r["read-out"].split(" ")[0], r["manifold"])
+
+
+def write_table(rows: list[dict], command: str) -> str:
+    out = results_dir(False)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows = sorted(rows, key=lambda r: (r["dataset"], order.get(r["model"], 9), r.get("minutes", 0), r.get("seed", 0),
+                                       r["read-out"], r["manifold"]))
+    shown = [{**r, **{k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in ("acc", "nmi", "ari")}} for r in rows]
+    machines = sorted({r["machine"] for r in rows})
+    md = ("### quality\n\nMachine(s): " + "; ".join(machines) + f"  \nCommand: `{command}` (one row per call)\n\n"
+          + markdown_table(shown, COLUMNS)
+          + "\nACC / NMI / ARI: mean ± std over k-means seeds 0, 1, 2 (faiss, k = 10, 50 iterations, every point); "
+            "PCA to 64-d fitted on 20k points; UMAP to 10-d fitted on 20k points, every point placed by its 15 "
+            "nearest sample points. Probe: logistic regression on 20,000 train-split images, accuracy on the test "
+            "split.\n\n" + ANCHORS + "\n")
+    (out / "quality.md").write_text(md)
+    return md
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="MNIST only, short training, one seed")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--width", type=int, default=32)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality")
+    p.add_argument("--dataset", choices=list(CONFIGS), default="fashion-mnist")
+    p.add_argument("--only", choices=MODELS, help="the model of this row (default: pixels)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget in wall-clock minutes")
+    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the row's training")
+    p.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks --quick`: does nothing here")
     args = p.parse_args(argv)
+    if args.quick:
+        print("quality: no quick mode (each row trains for minutes); run rows with --only")
+        return []
     if not (DATASETS / "MNIST" / "raw").is_dir():
         print(f"datasets not found at {DATASETS}; set DISTGAN_DATASETS")
         return []
-    steps = 300 if args.quick else args.steps
-    seeds = [0] if args.quick else [0, 1, 2]
-    sources = ["mnist"] if args.quick else ["mnist", "fashion-mnist"]
-    tmp = Path(tempfile.mkdtemp(prefix="distgan-quality-"))
-    init_ray()
+    import torch
+
     torch.set_num_threads(2)
-    rows = []
-    for source in sources:
-        data = tmp / source
-        prepare(source, data, data_root=DATASETS, progress=False)
-        a = read_arrays(data)
-        images = decode_images(a["image"], 32, 1)
-        r = kmeans_rows(pixel_features(data), tmp / "c", seeds, preprocess="none", niter=50)
-        rows.append({"dataset": source, "features": "raw pixels", "D": "-", "preprocess": "none", **r, "probe acc": None})
-        base = C.load(None, {"data.path": str(data), "model.width": args.width, "data.split": "all",
-                             "train.steps": steps, "train.log_every": 100, "train.checkpoint_every": steps})
-        cfg = resolve_data(base)
-        ctrl = save_untrained_checkpoint(cfg, tmp / f"{source}-control")
-        trained = run_training(cfg, storage=str(tmp / "runs"), name=source).checkpoint
-        for label, ckpt in (("random init (control)", ctrl), (f"trained {steps} steps", trained)):
-            D, _ = load_embedder(ckpt, data)
-            for feat in ("last", "multi"):
-                x = embed_images(D, images, feat)
-                feats = array_features(a["id"], a["label"], a["split"], x, f"D {feat}")
-                probe = linear_probe(feats, max_train=20000)["accuracy"]
-                for pre in ("l2", "pca-whiten"):
-                    r = kmeans_rows(feats, tmp / "c", seeds, preprocess=pre, niter=50)
-                    rows.append({"dataset": source, "features": f"D {feat} ({x.shape[1]}-d)", "D": label,
-                                 "preprocess": pre, **r, "probe acc": probe})
-    for r in rows:
-        if r["probe acc"] is None:
-            r["probe acc"] = "-"
-    notes = (f"k-means: faiss, k = 10, 50 iterations, mean of {len(seeds)} seed(s); pca-whiten keeps 64 dimensions. "
-             f"Training: DCGAN width {args.width}, ns loss, batch 64, 1 worker, {steps} steps on all 70k images. "
-             "Probe: logistic regression on 20,000 train-split images, accuracy on the 10,000 test images.\n\n" + ANCHORS)
-    cmd = "python -m benchmarks.quality" + ("" if args.quick else f" --steps {steps}")
-    write_results("quality", rows, ["dataset", "features", "D", "preprocess", "acc", "nmi", "ari", "probe acc"], cmd, notes,
-                  quick=args.quick)
-    return rows
+    model = args.only or "pixels"
+    new = run_row(args.dataset, model, args.minutes, args.seed, args.set)
+    m = machine_line(machine())
+    for r in new:
+        r["machine"], r["sets"] = m, " ".join(args.set)
+    path = results_dir(False) / "quality.json"
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    old = [r for r in old if "model" in r]  # rows of this benchmark's earlier layout (before objectives) are dropped
+    keys = {_key(r) for r in new}
+    rows = [r for r in old if _key(r) not in keys] + new
+    print(write_table(rows, "python -m benchmarks.quality --dataset D --only MODEL [--minutes M] [--seed S]"))
+    return new
 
 
 if __name__ == "__main__":
