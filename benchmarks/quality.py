@@ -141,7 +141,7 @@ def write_table(rows: list[dict], command: str) -> str:
           + markdown_table(shown, COLUMNS)
           + "\nACC / NMI / ARI: mean ± std over k-means seeds 0, 1, 2 (faiss, k = 10, 50 iterations, every point); "
             "PCA to 64-d fitted on 20k points; UMAP to 10-d fitted on 20k points, every point placed by its 15 "
-            "nearest sample points. Probe: logistic regression on 20,000 train-split images, accuracy on the test "
+            "nearest sample points (UMAP refitted with each seed, so the spread includes it). Probe: logistic regression on 20,000 train-split images, accuracy on the test "
             "split.\n\n" + ANCHORS + "\n")
     (out / "quality.md").write_text(md)
     return md

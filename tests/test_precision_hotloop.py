@@ -280,7 +280,8 @@ def test_embedding_actor_threads_follow_its_own_resources(ray_running, untrained
                 "device": str(embedder.device)}
 
     state = load_state(untrained_checkpoint)
-    actor = ray.remote(num_cpus=cpus)(ShardEmbedder).remote(state["D"], state["config"], "multi", "float32", "auto")
+    actor = ray.remote(num_cpus=cpus)(ShardEmbedder).remote(state["D"], state["config"], features="multi",
+                                                            readout="grid4-max", dtype="float32", amp="auto")
     facts = ray.get(actor.__ray_call__.remote(facts_of))
     ray.kill(actor)
     want = min(cpus, os.cpu_count())
