@@ -88,7 +88,7 @@ def train(dataset: str, data: Path, model: str, minutes: float, seed: int, tmp: 
 
 
 def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str] = ()) -> list[dict]:
-    from distgan.data import decode_images, init_ray, prepare, read_arrays
+    from distgan.data import decode_images, init_ray, prepare, read_arrays, read_manifest
     from distgan.embed import embed_images, load_embedder
 
     tmp = Path(tempfile.mkdtemp(prefix="distgan-quality-"))
@@ -99,7 +99,7 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
     rows = []
     base = {"dataset": dataset, "model": model, "seed": seed}
     if model == "pixels":
-        m = json.loads((data / "dataset.json").read_text())
+        m = read_manifest(data)
         x = decode_images(a["image"], m["resolution"], m["channels"]).reshape(len(a["id"]), -1).astype(np.float32) / 255
         for manifold in MANIFOLDS:
             rows.append({**base, "train": "-", "read-out": f"{x.shape[1]} pixels", "preprocess": "pca",

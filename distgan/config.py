@@ -285,6 +285,17 @@ AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")
 
 
+def parse_readout(spec: str) -> tuple[int, str, bool]:
+    """A read-out name (models.readout): 'gap' -> (1, 'avg', no per-block norm);
+    'grid4-max' -> (4, 'max', L2 per block)."""
+    if spec == "gap":
+        return 1, "avg", False
+    head, _, pool = spec.partition("-")
+    if head.startswith("grid") and head[4:].isdigit() and int(head[4:]) >= 1 and pool in ("avg", "max"):
+        return int(head[4:]), pool, True
+    raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max)")
+
+
 def has_batchnorm_d(m: ModelConfig) -> bool:
     """The DCGAN D puts BatchNorm after its hidden convolutions unless spectral norm replaces it."""
     return m.arch == "dcgan" and not m.spectral_norm
@@ -317,8 +328,6 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
     _choice("cluster.features", c.features, FEATURES)
     _choice("cluster.manifold", c.manifold, MANIFOLDS)
     _choice("objective.name", cfg.objective.name, OBJECTIVES)
-    from .models import parse_readout  # noqa: PLC0415  (models imports config)
-
     parse_readout(c.readout)
     if cfg.objective.augment != "auto":
         for aug in filter(None, cfg.objective.augment.split(",")):

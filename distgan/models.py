@@ -23,7 +23,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, UserError
+from .config import ModelConfig, UserError, parse_readout  # noqa: F401  (parse_readout re-exported)
 
 STATE_FILE = "state.pt"  # the one file of a checkpoint directory
 
@@ -56,16 +56,6 @@ def _sn(module: nn.Module, on: bool) -> nn.Module:
 # ---------------------------------------------------------------- read-outs
 
 DEFAULT_READOUT = "grid4-max"  # measured in benchmarks/quality.py (README, Embedding quality)
-
-
-def parse_readout(spec: str) -> tuple[int, str, bool]:
-    """'gap' -> (1, 'avg', no per-block norm); 'grid4-max' -> (4, 'max', L2 per block)."""
-    if spec == "gap":
-        return 1, "avg", False
-    head, _, pool = spec.partition("-")
-    if head.startswith("grid") and head[4:].isdigit() and int(head[4:]) >= 1 and pool in ("avg", "max"):
-        return int(head[4:]), pool, True
-    raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max)")
 
 
 def readout(feats: list[torch.Tensor], spec: str) -> torch.Tensor:
