@@ -100,7 +100,7 @@ class ClusterConfig:
     preprocess: str = "pca"  # none | l2 | pca (PCA, then L2) | pca-whiten (DeepCluster: whitened PCA, then L2)
     pca_dim: int = 64
     niter: int = 20
-    nredo: int = 1
+    nredo: int = 0  # k-means restarts, the lowest objective kept; 0 = auto (cluster/fit.py restarts())
     spherical: bool = False
     sample: int = 0  # train k-means on this many points; 0 = all
     seed: int = 0
@@ -348,14 +348,14 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
         ("train.checkpoint_every", t.checkpoint_every), ("train.keep_checkpoints", t.keep_checkpoints),
         ("train.log_every", t.log_every), ("train.num_samples", t.num_samples),
         ("cluster.k", c.k), ("cluster.pca_dim", c.pca_dim), ("cluster.manifold_dim", c.manifold_dim),
-        ("objective.temperature", cfg.objective.temperature), ("cluster.niter", c.niter), ("cluster.nredo", c.nredo),
+        ("objective.temperature", cfg.objective.temperature), ("cluster.niter", c.niter),
         ("tune.trials", cfg.tune.trials),
     ]:
         _positive(key, value)
     for key, value in [
         ("loss.gp_weight", cfg.loss.gp_weight), ("loss.r1_gamma", cfg.loss.r1_gamma),
         ("data.worker_cache_mb", cfg.data.worker_cache_mb), ("train.max_failures", t.max_failures), ("train.threads_per_worker", t.threads_per_worker),
-        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("train.minutes", t.minutes), ("objective.fake_weight", cfg.objective.fake_weight),
+        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("cluster.nredo", c.nredo), ("train.minutes", t.minutes), ("objective.fake_weight", cfg.objective.fake_weight),
         ("objective.rotation_weight", cfg.objective.rotation_weight), ("objective.rotation_g_weight", cfg.objective.rotation_g_weight), ("tune.max_concurrent", cfg.tune.max_concurrent),
     ]:
         _positive(key, value, allow_zero=True)

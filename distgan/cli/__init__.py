@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none | umap: UMAP fitted on a sample, every point placed by its nearest sample points, then k-means")
     s.add_argument("--manifold-dim", type=int, default=CLUSTER.manifold_dim, help="UMAP output dimensions")
     s.add_argument("--niter", type=int, default=20)
-    s.add_argument("--nredo", type=int, default=1)
+    s.add_argument("--nredo", type=int, default=CLUSTER.nredo,
+                   help="k-means restarts, the lowest objective kept (default: 10 with --manifold, else 1)")
     s.add_argument("--spherical", action="store_true")
     s.add_argument("--sample", type=int, default=0,
                    help="train k-means on N sampled points (default: all up to 100k, else max(100k, 256 per centroid))")

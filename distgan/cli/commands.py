@@ -94,8 +94,9 @@ def cmd_cluster(args) -> None:
 
     if args.smoke_test:
         smoke_inputs(args, loc(args.out) / "smoke-inputs")
-    for flag in ("--actors", "--niter", "--nredo", "--pca-dim"):
+    for flag in ("--actors", "--niter", "--pca-dim"):
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
+    at_least("--nredo", args.nredo, 0)
     feats = _cluster_features(args)
     # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
     check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim, args.manifold, args.manifold_dim,

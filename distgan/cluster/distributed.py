@@ -17,7 +17,7 @@ from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
-from .fit import Preprocess, centroid_index, fit_preprocess, kmeans, search  # noqa: F401
+from .fit import Preprocess, centroid_index, fit_sample, search  # noqa: F401
 from .metrics import contingency
 
 QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
@@ -71,13 +71,8 @@ def _fit(ds, kind: str, dim: int, k: int, preprocess: str, pca_dim: int, niter: 
         skip_progress_notice()
     t = time.perf_counter()
     x = _collect_sample(ds, kind, dim, sample, seed)
-    pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
-    if manifold == "umap":
-        from .manifold import fit_umap
-
-        pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
-    x = pre(x)
-    km = kmeans(x, k, niter, nredo, spherical, seed, gpu=gpus if gpus else False)
+    pre, km = fit_sample(x, k, preprocess, pca_dim, niter, nredo, spherical, seed, gpus if gpus else False,
+                         manifold, manifold_dim)
     return {"centroids": np.asarray(km.centroids, np.float32), "pre": pre,
             "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads, "node": os.uname().nodename}
 

@@ -90,6 +90,17 @@ def faiss_devices() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+MANIFOLD_NREDO = 10
+
+
+def restarts(nredo: int, manifold: str) -> int:
+    """k-means restarts, 0 = auto: 10 on a manifold map, else 1. On a UMAP map (10-d) the
+    clusters are tight and far apart, and one random start often merges two of them and
+    splits another (MNIST: ACC 0.46-0.87 over seeds with 1 start, 0.966 +- 0.001 keeping the
+    lowest objective of 50, README); restarts cost little there (10 dimensions)."""
+    return nredo or (MANIFOLD_NREDO if manifold != "none" else 1)
+
+
 def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bool = False, seed: int = 0,
            gpu: bool | None = None, verbose: bool = False):
     """faiss.Kmeans on every GPU faiss sees (or CPU), trained on all rows of x.
@@ -109,6 +120,20 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bo
     km.cp.check_input_data_for_NaNs = False  # callers check finiteness while they read (collect); a second pass costs ~10%
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return km
+
+
+def fit_sample(x: np.ndarray, k: int, preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0,
+               spherical: bool = False, seed: int = 0, gpu: int | bool = False, manifold: str = "none",
+               manifold_dim: int = 10) -> tuple[Preprocess, object]:
+    """What a clustering fit does with its sample x (N, E): preprocessing (-> UMAP on at most
+    MANIFOLD_SAMPLE of its points), then faiss k-means on all of them. Returns (pre, kmeans);
+    `pre` maps any (B, E) embeddings to the space the centroids live in."""
+    pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
+    if manifold == "umap":
+        from .manifold import fit_umap
+
+        pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
+    return pre, kmeans(pre(x), k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu)
 
 
 def assign(km, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

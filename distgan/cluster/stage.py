@@ -20,7 +20,7 @@ OUTPUTS = ("assignments", ".assignments.tmp", "assignments.parquet", "centroids.
 
 def run_clustering(
     features: Features, out: str, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
-    niter: int = 20, nredo: int = 1, spherical: bool = False, sample: int = 0, seed: int = 0,
+    niter: int = 20, nredo: int = 0, spherical: bool = False, sample: int = 0, seed: int = 0,
     manifold: str = "none", manifold_dim: int = 10, data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
     gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (),
 ) -> dict:
@@ -33,8 +33,9 @@ def run_clustering(
     are kept. `overwrite` starts over; `keep` names entries of `out` that are not outputs
     (`cluster --checkpoint` embeds into OUT/embeddings)."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
-    from .fit import Preprocess
+    from .fit import Preprocess, restarts
 
+    nredo = restarts(nredo, manifold)
     out = loc(out)
     check_access(out, write=True)
     size = check_request(features.count, k, sample, gpus, manifold=manifold, manifold_dim=manifold_dim,
