@@ -296,6 +296,27 @@ def parse_readout(spec: str) -> tuple[int, str, bool]:
     raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max)")
 
 
+def parse_ks(spec: str | int) -> list[int]:
+    """`--k`: '10' -> [10]; '5,10,20' -> [5, 10, 20]; '4:40:4' -> [4, 8, ..., 40] (start:stop[:step],
+    stop included). Sorted, without repeats; each k >= 2 (the sample bound is checked later)."""
+    text = str(spec).strip()
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1):
+                raise ValueError
+            ks = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+        else:
+            ks = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise UserError(f"--k must be a number, a list (5,10,20) or a range (start:stop[:step]), got '{text}'") from None
+    if not ks:
+        raise UserError(f"--k range '{text}' is empty")
+    if min(ks) < 2:
+        raise UserError(f"--k values must be >= 2, got {min(ks)}")
+    return sorted(set(ks))
+
+
 def has_batchnorm_d(m: ModelConfig) -> bool:
     """The DCGAN D puts BatchNorm after its hidden convolutions unless spectral norm replaces it."""
     return m.arch == "dcgan" and not m.spectral_norm

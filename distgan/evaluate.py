@@ -6,8 +6,10 @@
   samples with an MNIST classifier. With a local Inception weights file
   (`eval.inception_weights`) and torch-fidelity installed, the standard FID
   feature extractor is used instead. Nothing is ever downloaded.
-- `eval/nmi` and `eval/probe_acc`: faiss k-means NMI and a logistic-regression
-  probe on D's embeddings of a labelled held-out subset (no generator involved).
+- `eval/stability`, `eval/silhouette`, `eval/davies_bouldin`: label-free criteria of the
+  k-means clustering of D's embeddings of a held-out subset (cluster/criteria.py), what
+  selects a model on an unlabelled dataset; with labels also `eval/nmi` and `eval/probe_acc`
+  (a logistic-regression probe). No generator involved.
 
 Training calls `Evaluator.__call__(G_ema, D, step)` on rank 0 every `eval.every`
 steps; train.py only knows it as an optional factory passed in by the CLI or the
@@ -213,7 +215,9 @@ def _features(extractor, images: torch.Tensor, batch: int = 256) -> np.ndarray:
 
 
 class Evaluator:
-    """Callable run on rank 0 every `eval.every` steps: {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"}.
+    """Callable run on rank 0 every `eval.every` steps: {"eval/fid", "eval/kid"} (with a feature
+    extractor), the label-free {"eval/stability", "eval/silhouette", "eval/davies_bouldin"}
+    (cluster/criteria.py) and, when the held-out images have labels, {"eval/nmi", "eval/probe_acc"}.
 
     Built once per worker: real held-out images are read at construction and
     featurised at the first call, on the training device (rank 0's GPU on a
@@ -233,7 +237,7 @@ class Evaluator:
         self.real_u8 = decode_images(a["image"][take], m["resolution"], m["channels"])  # (n, H, W, C) uint8
         self.labels = a["label"][take]
         self.z_dim, self.n = cfg.model.z_dim, len(take)
-        self.k = max(2, len(m["class_names"]))
+        self.k = len(m["class_names"]) if len(m["class_names"]) >= 2 else cfg.cluster.k  # unlabelled: cluster.k
         self.cluster = cfg.cluster  # the read-out and preprocessing `distgan cluster` would use
         self.extractor = None
         if e.inception_weights:
@@ -256,8 +260,10 @@ class Evaluator:
         return real
 
     def __call__(self, G_ema: nn.Module, D: nn.Module, step: int) -> dict:
-        from .cluster import assign, clustering_metrics, fit_preprocess, kmeans
+        from .cluster import clustering_metrics, fit_sample, search
+        from .cluster.criteria import criteria
 
+        cl = self.cluster
         t = time.perf_counter()
         out: dict[str, float] = {}
         # G_ema stays where training keeps it (a GPU on a cluster): moving it would break the
@@ -273,18 +279,21 @@ class Evaluator:
             fake_feats = _features(self.extractor, fake)
             out["eval/fid"] = frechet_distance(self.real_feats, fake_feats)
             out["eval/kid"] = kernel_inception_distance(self.real_feats, fake_feats, subset_size=min(500, self.n))
-        if (self.labels >= 0).sum() >= 2 * self.k:
+        if self.n >= 4 * self.k:  # enough held-out points to halve for the stability criterion
             # A copy of D on its training device, BatchNorm re-estimated on these real images, eval mode.
             d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)), self.real_u8)
             with torch.no_grad():
-                emb = torch.cat([d.embed(real[i : i + 256], self.cluster.features, self.cluster.readout).float().cpu()
-                                 for i in range(0, self.n, 256)]).numpy()
+                emb = torch.cat([d.embed(real[i : i + 256], cl.features, cl.readout).float().cpu()
+                                 for i in range(0, self.n, 256)]).numpy()  # (n, E)
+            # what `distgan cluster` would fit (preprocessing, the manifold step, restarts), on the held-out set
+            _, km, z = fit_sample(emb, self.k, cl.preprocess, min(cl.pca_dim, emb.shape[1]), cl.niter, cl.nredo,
+                                  cl.spherical, seed=0, manifold=cl.manifold, manifold_dim=cl.manifold_dim)
+            c, _ = search(km.index, z)
+            out |= {f"eval/{name}": v for name, v in criteria(z, c, self.k, spherical=cl.spherical).items()}
             known = self.labels >= 0
-            x, y = emb[known], self.labels[known]
-            pre = fit_preprocess(x, self.cluster.preprocess, min(self.cluster.pca_dim, x.shape[1]))
-            c, _ = assign(kmeans(pre(x), self.k, niter=20), pre(x))
-            out["eval/nmi"] = clustering_metrics(y, c)["nmi"]
-            out["eval/probe_acc"] = _holdout_probe(x, y)
+            if known.sum() >= 2 * self.k:
+                out["eval/nmi"] = clustering_metrics(self.labels[known], c[known])["nmi"]
+                out["eval/probe_acc"] = _holdout_probe(emb[known], self.labels[known])
         out["eval/seconds"] = time.perf_counter() - t
         return out
 

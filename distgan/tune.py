@@ -108,13 +108,18 @@ def to_tune(space: dict[str, dict]) -> dict:
 # ---------------------------------------------------------------- metrics and resources
 
 
+LABEL_FREE = ["eval/stability", "eval/silhouette", "eval/davies_bouldin"]  # cluster/criteria.py
+LABELLED = ["eval/nmi", "eval/probe_acc"]
+
+
 def available_metrics(cfg: Config, labelled: bool) -> list[str]:
     out = list(TRAIN_METRICS)
     if cfg.eval.every:
         if cfg.eval.classifier or cfg.eval.inception_weights:
             out += ["eval/fid", "eval/kid"]
+        out += LABEL_FREE
         if labelled:
-            out += ["eval/nmi", "eval/probe_acc"]
+            out += LABELLED
     return out
 
 
@@ -221,6 +226,10 @@ def run_tune(base: Config, space: dict[str, dict], trials: int, scheduler: str =
     base = resolve_data(base)
     labelled = bool(read_manifest(base.data.path)["class_names"])
     valid = available_metrics(base, labelled)
+    if metric in LABELLED and not labelled:
+        raise UserError(f"--metric {metric} needs labels and {base.data.path} has none; "
+                        f"the label-free metrics are {', '.join(LABEL_FREE)} (--mode max, davies_bouldin --mode min)"
+                        + ("" if base.eval.every else "; they need --set eval.every=N"))
     if metric not in valid:
         raise UserError(f"no trial reports metric '{metric}' with this config; choose one of: {', '.join(valid)}"
                         + ("" if base.eval.every else " (eval/* metrics need --set eval.every=N)"))

@@ -65,6 +65,64 @@ def test_domain_classifier_and_in_training_evaluator(fake_dir, tmp_path):
     out = Evaluator(cfg)(nets.G_ema, nets.D, step=5)
     assert {"eval/fid", "eval/kid", "eval/nmi", "eval/probe_acc"} <= set(out)
     assert out["eval/fid"] > 0 and 0 <= out["eval/nmi"] <= 1 and 0 <= out["eval/probe_acc"] <= 1
+    assert {"eval/stability", "eval/silhouette", "eval/davies_bouldin"} <= set(out)
+    assert np.isfinite([out["eval/stability"], out["eval/silhouette"], out["eval/davies_bouldin"]]).all()
+
+
+@pytest.fixture(scope="module")
+def unlabelled_dir(tmp_path_factory) -> Path:
+    """A folder of 160 images (32 x 32, the DCGAN's smallest) without class folders (labels
+    null): bright and dark squares."""
+    from PIL import Image
+
+    from distgan.data import prepare
+
+    root = tmp_path_factory.mktemp("unlabelled")
+    rng = np.random.default_rng(0)
+    for i in range(160):
+        img = rng.integers(0, 40, (32, 32), dtype=np.uint8)
+        x, y = rng.integers(0, 16, 2)
+        img[y : y + 16, x : x + 16] = 220 if i % 2 else 110
+        Image.fromarray(img).save(root / f"{i:03d}.png")
+    out = root / "prepared"
+    m = prepare("folder", out, data_root=root, resolution=32, progress=False)
+    assert m["unlabelled"] == 160
+    return out
+
+
+def test_evaluator_on_unlabelled_images_reports_the_label_free_criteria_only(unlabelled_dir):
+    from distgan.train import build_nets, resolve_data
+
+    cfg = resolve_data(C.load(None, {"data.path": str(unlabelled_dir), "model.width": 8, "eval.every": 5,
+                                     "eval.num_images": 80, "cluster.k": 4}))
+    nets = build_nets(cfg, "cpu")
+    out = Evaluator(cfg)(nets.G_ema, nets.D, step=5)
+    assert {"eval/stability", "eval/silhouette", "eval/davies_bouldin"} <= set(out)
+    assert not {"eval/nmi", "eval/probe_acc", "eval/fid"} & set(out)
+    assert np.isfinite(out["eval/stability"]) and -1 <= out["eval/silhouette"] <= 1
+
+
+def test_label_metric_on_an_unlabelled_dataset_names_the_label_free_ones(ray_running, unlabelled_dir, tmp_path, capsys):
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.name: {choice: [ns, hinge]}\n")
+    code = main(["tune", "--space", str(space), "--data", str(unlabelled_dir), "--metric", "eval/nmi",
+                 "--set", "eval.every=5", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--metric eval/nmi needs labels" in err and "eval/stability" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "tune").exists()
+
+
+def test_sweep_on_an_unlabelled_folder_optimises_a_label_free_metric(ray_running, unlabelled_dir, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.name: {choice: [ns, hinge]}\n")
+    code = main(["tune", "--space", str(space), "--data", str(unlabelled_dir), "--trials", "1", "--scheduler", "fifo",
+                 "--metric", "eval/stability", "--mode", "max", "--storage", str(tmp_path), "--name", "free",
+                 "--set", "eval.every=5", "--set", "eval.num_images=64", "--set", "cluster.k=4", *TUNE_FLAGS[:-1], "5"])
+    assert code == 0
+    df = pd.read_csv(tmp_path / "free" / "results.csv")
+    assert len(df) == 1 and set(df["status"]) == {"TERMINATED"} and np.isfinite(df["eval/stability"]).all()
+    best = json.loads((tmp_path / "free" / "best.json").read_text())
+    assert best["best_objective"] == df["eval/stability"].max()
 
 
 @pytest.fixture(scope="module")

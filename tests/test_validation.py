@@ -103,8 +103,13 @@ def test_embed_checkpoint_without_distgans_format_tag(no_ray, capsys, fake_dir, 
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--k", "1"], "--k must be between 2"),
-    (["--k", "0"], "--k must be between 2"),
+    (["--k", "1"], "--k values must be >= 2"),
+    (["--k", "0"], "--k values must be >= 2"),
+    (["--k", "1,5"], "--k values must be >= 2, got 1"),
+    (["--k", "5:2"], "--k range '5:2' is empty"),
+    (["--k", "a,b"], "--k must be a number, a list (5,10,20) or a range"),
+    (["--k", "5,401"], "--k must be between 2 and the k-means sample (400 of 400 points), got 401"),
+    (["--k", "4:8:2", "--select-k", "inertia"], "criterion must be one of stability, silhouette, davies_bouldin"),
     (["--k", "5", "--actors", "0"], "--actors must be >= 1"),
     (["--k", "5", "--niter", "0"], "--niter must be >= 1"),
     (["--k", "5", "--pca-dim", "100000"], "--pca-dim 100000 is larger than the features' dimension (1024)"),

@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pixels", help="prepared dataset: cluster its raw pixels (the baseline)")
     s.add_argument("--checkpoint", help="embed --data with this checkpoint first, then cluster")
     s.add_argument("--data", help="prepared dataset: images for montage.png (and the input with --checkpoint)")
-    s.add_argument("--k", type=int, required=True)
+    s.add_argument("--k", required=True,
+                   help="clusters: a number, or several to choose from without labels: 5,10,20 or 4:40:4 (stop included)")
+    s.add_argument("--select-k", default="stability", metavar="CRITERION",
+                   help="with several --k: the label-free criterion that suggests one: stability | silhouette | davies_bouldin")
+    s.add_argument("--all-k", action="store_true", help="with several --k: write every k's outputs (OUT/k<K>/), not only the suggested one")
     s.add_argument("--out", required=True)
     s.add_argument("--preprocess", default=CLUSTER.preprocess,
                    help=f"none | l2 | pca (PCA, then L2) | pca-whiten (PCA with whitening, then L2); default {CLUSTER.preprocess}")
@@ -85,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifold-dim", type=int, default=CLUSTER.manifold_dim, help="UMAP output dimensions")
     s.add_argument("--niter", type=int, default=20)
     s.add_argument("--nredo", type=int, default=CLUSTER.nredo,
-                   help="k-means restarts, the lowest objective kept (default: 10 with --manifold, else 1)")
+                   help="k-means restarts, the lowest objective kept (default: 50 with --manifold, else 1)")
     s.add_argument("--spherical", action="store_true")
     s.add_argument("--sample", type=int, default=0,
                    help="train k-means on N sampled points (default: all up to 100k, else max(100k, 256 per centroid))")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import config as C
 from ..config import ClusterConfig, UserError
 from ..storage import check_access, loc
-from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, smoke_inputs
+from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, print_sweep, smoke_inputs
 
 CLUSTER = ClusterConfig()  # defaults shared with the parser, the pipeline and the job configs
 
@@ -80,7 +80,7 @@ def _cluster_features(args):
     from ..data import read_manifest
     from ..embed import embed_dataset
 
-    check_request(read_manifest(args.data)["count"], args.k, args.sample, args.gpus, manifold=args.manifold,
+    check_request(read_manifest(args.data)["count"], args.ks, args.sample, args.gpus, manifold=args.manifold,
                   manifold_dim=args.manifold_dim, preprocess=args.preprocess)  # before embedding
     emb = loc(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
@@ -90,6 +90,7 @@ def _cluster_features(args):
 
 def cmd_cluster(args) -> None:
     from ..cluster import check_request, run_clustering
+    from ..cluster.criteria import check_criterion
     from ..data import init_ray
 
     if args.smoke_test:
@@ -97,17 +98,30 @@ def cmd_cluster(args) -> None:
     for flag in ("--actors", "--niter", "--pca-dim"):
         at_least(flag, getattr(args, flag[2:].replace("-", "_")))
     at_least("--nredo", args.nredo, 0)
+    args.ks = C.parse_ks(args.k)
+    check_criterion(args.select_k)
     feats = _cluster_features(args)
     # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
-    check_request(feats.count, args.k, args.sample, args.gpus, args.pca_dim or 0, feats.dim, args.manifold, args.manifold_dim,
+    check_request(feats.count, args.ks, args.sample, args.gpus, args.pca_dim or 0, feats.dim, args.manifold, args.manifold_dim,
                   args.preprocess)
     check_access(loc(args.out), write=True)
     init_ray()
-    m = run_clustering(feats, args.out, args.k, preprocess=args.preprocess, pca_dim=args.pca_dim or CLUSTER.pca_dim,
-                       niter=args.niter, nredo=args.nredo, spherical=args.spherical, sample=args.sample, seed=args.seed,
-                       manifold=args.manifold, manifold_dim=args.manifold_dim,
-                       data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
-                       actors=args.actors or 0, keep=("embeddings", "smoke-inputs") if args.checkpoint else ("smoke-inputs",))
+    kw = dict(preprocess=args.preprocess, pca_dim=args.pca_dim or CLUSTER.pca_dim, niter=args.niter, nredo=args.nredo,
+              spherical=args.spherical, sample=args.sample, seed=args.seed, manifold=args.manifold,
+              manifold_dim=args.manifold_dim, data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
+              actors=args.actors or 0, keep=("embeddings", "smoke-inputs") if args.checkpoint else ("smoke-inputs",))
+    if len(args.ks) > 1:
+        from ..cluster.sweep import sweep_k
+
+        s = sweep_k(feats, args.out, args.ks, args.select_k, args.all_k, **kw)
+        print_sweep(s)
+        print(f"outputs: {args.out}/k_sweep.json, k_sweep.csv, k_sweep.png and "
+              + ("k<K>/ for each k" if args.all_k else f"the outputs of k={s['suggested_k']}:"))
+        if args.all_k:
+            return
+        m = (loc(args.out) / "metrics.json").read_json()
+    else:
+        m = run_clustering(feats, args.out, args.ks[0], **kw)
     print_cluster_metrics(m)
     print(f"outputs: {args.out}/assignments/ (Parquet shards), centroids.npy, preprocess.npz, metrics.json"
           + (", montage.png" if (loc(args.out) / "montage.png").exists() else ""))

@@ -68,6 +68,15 @@ def print_info(path) -> None:
             print(f"    {name:<14} {n}")
 
 
+def print_sweep(s: dict) -> None:
+    """The k sweep's criteria, one line per k, the suggested one marked."""
+    print("     k  stability  silhouette  davies_bouldin")
+    for r in s["table"]:
+        mark = "  <- suggested" if r["k"] == s["suggested_k"] else ""
+        print(f"{r['k']:>6}  {r['stability']:9.3f}  {r['silhouette']:10.3f}  {r['davies_bouldin']:14.3f}{mark}")
+    print(f"suggested k = {s['suggested_k']} (best {s['criterion']})")
+
+
 def print_cluster_metrics(m: dict) -> None:
     print(f"k={m['k']} n={m['n']} inertia={m['inertia']:.4g} sizes min/max {min(m['sizes'])}/{max(m['sizes'])}"
           f" ({m['empty_clusters']} empty)")

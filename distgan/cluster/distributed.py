@@ -17,7 +17,7 @@ from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
-from .fit import Preprocess, centroid_index, fit_sample, search  # noqa: F401
+from .fit import Preprocess, centroid_index, fit_sample, kmeans, restarts, search  # noqa: F401
 from .metrics import contingency
 
 QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
@@ -63,33 +63,44 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
     return x
 
 
-def _fit(ds, kind: str, dim: int, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
-         sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10) -> dict:
-    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means. Returns plain arrays."""
+def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim: int, niter: int, nredo: int,
+         spherical: bool, sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10) -> dict:
+    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means for each k in
+    ks, each with its label-free criteria (criteria.py) on the sample. Returns plain arrays."""
+    from .criteria import CRITERIA_SAMPLE, criteria
+
     threads = set_faiss_threads()
     if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
         skip_progress_notice()
     t = time.perf_counter()
     x = _collect_sample(ds, kind, dim, sample, seed)
-    pre, km = fit_sample(x, k, preprocess, pca_dim, niter, nredo, spherical, seed, gpus if gpus else False,
-                         manifold, manifold_dim)
-    return {"centroids": np.asarray(km.centroids, np.float32), "pre": pre,
-            "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads, "node": os.uname().nodename}
+    gpu = gpus if gpus else False
+    pre, km, z = fit_sample(x, ks[0], preprocess, pca_dim, niter, nredo, spherical, seed, gpu, manifold, manifold_dim)
+    fits = {}
+    for k in ks:  # the preprocessing (and UMAP) does not depend on k: fitted once
+        if k != ks[0]:
+            km = kmeans(z, k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu)
+        c, _ = search(km.index, z)
+        # at least 10 points per cluster in the criteria's sample (k = 1000: 10,000 points)
+        fits[k] = {"centroids": np.asarray(km.centroids, np.float32),
+                   "criteria": criteria(z, c, k, seed, max(CRITERIA_SAMPLE, 10 * k), spherical)}
+    return {"fits": fits, "pre": pre, "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads,
+            "node": os.uname().nodename}
 
 
-def fit_remote(features: Features, k: int, preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
+def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
                sample: int, seed: int, gpus: int = 0, manifold: str = "none",
-               manifold_dim: int = 10) -> tuple[np.ndarray, Preprocess, dict]:
+               manifold_dim: int = 10) -> tuple[dict, Preprocess, dict]:
     """Draw the sample with Ray Data, then run `_fit` in a fresh worker process (max_calls=1:
     no OpenMP state left by torch in a reused worker) with all of one node's CPUs, or
-    `gpus` GPUs of one node."""
+    `gpus` GPUs of one node. Returns ({k: {"centroids", "criteria"}}, pre, the task's summary)."""
     import ray
 
     ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
-    r = ray.get(task.remote(ds, features.kind, features.dim, k, preprocess, pca_dim, niter, nredo, spherical,
+    r = ray.get(task.remote(ds, features.kind, features.dim, tuple(ks), preprocess, pca_dim, niter, nredo, spherical,
                             sample, seed, gpus, manifold, manifold_dim))
-    return r["centroids"], r["pre"], r
+    return r.pop("fits"), r.pop("pre"), r
 
 
 class Assigner:
@@ -236,7 +247,7 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     return totals
 
 
-def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None,
+def check_request(count: int, k: int | list[int], sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None,
                   manifold: str = "none", manifold_dim: int = 10, preprocess: str = "none") -> int:
     """The checks that need no Ray, before anything starts; returns the sample size to train on.
     pca_dim (0: no PCA) must fit the features' dim when that is known."""
@@ -258,9 +269,11 @@ def check_request(count: int, k: int, sample: int, gpus: int = 0, pca_dim: int =
             raise UserError(f"--manifold-dim must be >= 1, got {manifold_dim}")
     if sample < 0 or sample > count:
         raise UserError(f"--sample must be between 1 and the number of points ({count}), got {sample}")
-    size = sample or default_sample(count, k)
-    if k < 2 or k > size:
-        raise UserError(f"--k must be between 2 and the k-means sample ({size} of {count} points), got {k}")
+    ks = [k] if isinstance(k, int) else list(k)
+    size = sample or default_sample(count, max(ks))
+    bad = [v for v in ks if v < 2 or v > size]
+    if bad:
+        raise UserError(f"--k must be between 2 and the k-means sample ({size} of {count} points), got {bad[0]}")
     if gpus < 0:
         raise UserError(f"--gpus must be >= 0, got {gpus}")
     if dim is not None and pca_dim > dim:

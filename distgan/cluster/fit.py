@@ -90,21 +90,24 @@ def faiss_devices() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
-MANIFOLD_NREDO = 10
+MANIFOLD_NREDO = 50
 
 
 def restarts(nredo: int, manifold: str) -> int:
-    """k-means restarts, 0 = auto: 10 on a manifold map, else 1. On a UMAP map (10-d) the
+    """k-means restarts, 0 = auto: 50 on a manifold map, else 1. On a UMAP map (10-d) the
     clusters are tight and far apart, and one random start often merges two of them and
-    splits another (MNIST: ACC 0.46-0.87 over seeds with 1 start, 0.966 +- 0.001 keeping the
-    lowest objective of 50, README); restarts cost little there (10 dimensions)."""
+    splits another (MNIST, 3 seeds: ACC 0.46-0.87 with 1 start, one seed still at 0.83 with
+    10, 0.966 +- 0.001 keeping the lowest objective of 50; README). 50 restarts on 100k
+    10-d points take ~14 s on 2 cores."""
     return nredo or (MANIFOLD_NREDO if manifold != "none" else 1)
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bool = False, seed: int = 0,
-           gpu: bool | None = None, verbose: bool = False):
+           gpu: bool | None = None, verbose: bool = False, plusplus: bool = False):
     """faiss.Kmeans on every GPU faiss sees (or CPU), trained on all rows of x.
-    Returns the trained Kmeans (centroids (k, d), index for search)."""
+    Returns the trained Kmeans (centroids (k, d), index for search). faiss starts from k random
+    points; `plusplus` starts from scikit-learn's k-means++ seeding instead (one start, nredo
+    ignored; O(n k d) more work, for small samples: the stability criterion's halves)."""
     import faiss
 
     n, d = x.shape
@@ -118,22 +121,30 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bo
         min_points_per_centroid=1,
     )
     km.cp.check_input_data_for_NaNs = False  # callers check finiteness while they read (collect); a second pass costs ~10%
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    init = None
+    if plusplus:
+        from sklearn.cluster import kmeans_plusplus
+
+        km.cp.nredo = 1
+        init = np.ascontiguousarray(kmeans_plusplus(x, k, random_state=seed)[0], dtype=np.float32)
+    km.train(x, init_centroids=init)
     return km
 
 
 def fit_sample(x: np.ndarray, k: int, preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0,
                spherical: bool = False, seed: int = 0, gpu: int | bool = False, manifold: str = "none",
-               manifold_dim: int = 10) -> tuple[Preprocess, object]:
+               manifold_dim: int = 10) -> tuple[Preprocess, object, np.ndarray]:
     """What a clustering fit does with its sample x (N, E): preprocessing (-> UMAP on at most
-    MANIFOLD_SAMPLE of its points), then faiss k-means on all of them. Returns (pre, kmeans);
-    `pre` maps any (B, E) embeddings to the space the centroids live in."""
+    MANIFOLD_SAMPLE of its points), then faiss k-means on all of them. Returns (pre, kmeans, z):
+    `pre` maps any (B, E) embeddings to the space the centroids live in, z = pre(x) (N, d)."""
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
     if manifold == "umap":
         from .manifold import fit_umap
 
         pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
-    return pre, kmeans(pre(x), k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu)
+    z = pre(x)
+    return pre, kmeans(z, k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu), z
 
 
 def assign(km, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ def run_clustering(
     features: Features, out: str, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
     niter: int = 20, nredo: int = 0, spherical: bool = False, sample: int = 0, seed: int = 0,
     manifold: str = "none", manifold_dim: int = 10, data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
-    gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (),
+    gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (), fitted: tuple | None = None,
 ) -> dict:
     """Fit on a sample in a Ray task, assign every point with Ray Data actors, write
     OUT/assignments/ (Parquet files), centroids.npy, preprocess.npz, metrics.json and
@@ -31,7 +31,8 @@ def run_clustering(
     The same call on a folder it was interrupted in resumes: the centroids are reused once
     preprocess.npz exists (written last by the fit) and assignment files already written
     are kept. `overwrite` starts over; `keep` names entries of `out` that are not outputs
-    (`cluster --checkpoint` embeds into OUT/embeddings)."""
+    (`cluster --checkpoint` embeds into OUT/embeddings). `fitted` = (centroids, pre, summary) of
+    a fit already made (a k sweep's) skips the fit."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
     from .fit import Preprocess, restarts
 
@@ -68,13 +69,17 @@ def run_clustering(
         fit = (out / ".fit.json").read_json()
         print(f"faiss k-means: reusing the centroids in {out} (an interrupted run of this command)")
     else:
-        print(f"faiss k-means: k={k} on {size} of {features.count} points"
-              f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}"
-              f"{f', after UMAP to {manifold_dim}-d (fitted on {min(size, MANIFOLD_SAMPLE)} points)' if manifold == 'umap' else ''}; "
-              f"{features.description}")
-        centroids, pre, fit = fit_remote(features, k, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
-                                         manifold, manifold_dim)
-        fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": time.perf_counter() - t0}
+        if fitted is None:
+            print(f"faiss k-means: k={k} on {size} of {features.count} points"
+                  f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}"
+                  f"{f', after UMAP to {manifold_dim}-d (fitted on {min(size, MANIFOLD_SAMPLE)} points)' if manifold == 'umap' else ''}; "
+                  f"{features.description}")
+            fits, pre, fit = fit_remote(features, [k], preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
+                                        manifold, manifold_dim)
+            fitted = fits[k]["centroids"], pre, fit | {"criteria": fits[k]["criteria"], "seconds": time.perf_counter() - t0}
+        centroids, pre, fit = fitted
+        fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": fit["seconds"],
+               "criteria": fit["criteria"]}
         (out / ".fit.json").write_json(fit)
         buf = io.BytesIO()
         np.save(buf, centroids)
@@ -108,6 +113,7 @@ def run_clustering(
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
         "seconds_fit": round(t_fit, 3), "resumed": resume, "seconds_assign": round(totals.seconds_assign, 3),
         "seconds_metrics": round(totals.seconds_metrics, 3), "seconds_total": round(time.perf_counter() - t0, 3),
+        "criteria": fit.get("criteria"),  # label-free (criteria.py), on the k-means sample
         **metrics_from_contingency(totals.cont),
         "contingency": totals.cont.tolist(),  # clusters x classes: the confusion matrix of the report
     }

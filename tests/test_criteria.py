@@ -1,0 +1,91 @@
+"""Label-free criteria (cluster/criteria.py), the k sweep of `distgan cluster` and `--k` parsing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import davies_bouldin_score, silhouette_score
+
+import distgan.cluster as K
+from distgan.cluster.criteria import best, criteria, stability
+from distgan.cluster.sweep import sweep_k
+from distgan.config import UserError, parse_ks
+
+
+def _blobs(k: int, n_per: int = 150, d: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 10, (k, d))
+    x = np.concatenate([c + rng.normal(0, 0.5, (n_per, d)) for c in centers]).astype(np.float32)
+    return x, np.repeat(np.arange(k), n_per)
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_stability_is_one_on_separated_blobs_and_falls_on_noise(k):
+    x, _ = _blobs(k, seed=k)
+    assert stability(x, k) > 0.99  # every half finds the same blobs
+    noise = np.random.default_rng(k).uniform(size=(len(x), 8)).astype(np.float32)
+    assert stability(noise, k) < 0.5  # halves cut a uniform cube differently (measured ~0.18)
+    assert stability(x, 2 * k) < 0.9  # too many clusters: the blobs are split differently per half
+
+
+def test_stability_refuses_too_few_points_and_criteria_reports_nan():
+    x, _ = _blobs(4, n_per=3)
+    with pytest.raises(UserError, match="stability needs at least 40 points for k=10"):
+        stability(x, 10)
+    c = K.search(K.kmeans(x, 10, niter=5).index, x)[0]
+    assert np.isnan(criteria(x, c, 10)["stability"])
+
+
+def test_silhouette_and_davies_bouldin_are_scikit_learns_on_the_drawn_sample():
+    x, _ = _blobs(5, n_per=200, seed=3)
+    c = K.search(K.kmeans(x, 5, niter=20, nredo=5).index, x)[0]
+    got = criteria(x, c, 5, seed=7, sample=400)
+    take = np.sort(np.random.default_rng(7).choice(len(x), 400, replace=False))  # the documented draw
+    assert got["silhouette"] == pytest.approx(silhouette_score(x[take], c[take]), rel=1e-6)
+    assert got["davies_bouldin"] == pytest.approx(davies_bouldin_score(x[take], c[take]), rel=1e-6)
+    whole = criteria(x, c, 5, sample=len(x))
+    assert whole["silhouette"] == pytest.approx(silhouette_score(x, c), rel=1e-6)
+
+
+def test_best_follows_each_criterions_direction_and_skips_nan():
+    rows = [{"k": 3, "stability": 0.5, "davies_bouldin": 0.9}, {"k": 5, "stability": float("nan"), "davies_bouldin": 0.4},
+            {"k": 7, "stability": 0.8, "davies_bouldin": 1.2}]
+    assert best(rows, "stability")["k"] == 7 and best(rows, "davies_bouldin")["k"] == 5
+    with pytest.raises(UserError, match="no clustering has a finite stability"):
+        best([{"k": 2, "stability": float("nan")}], "stability")
+
+
+@pytest.mark.parametrize("spec,ks", [("10", [10]), ("20,5,10,5", [5, 10, 20]), ("4:12:4", [4, 8, 12]), ("3:5", [3, 4, 5]),
+                                     (7, [7])])
+def test_parse_ks(spec, ks):
+    assert parse_ks(spec) == ks
+
+
+@pytest.mark.parametrize("spec,msg", [("1", ">= 2"), ("2,x", "must be a number"), ("4:40:0", "must be a number"),
+                                      ("9:3", "is empty"), ("1:2:3:4", "must be a number")])
+def test_parse_ks_refuses(spec, msg):
+    with pytest.raises(UserError, match=msg):
+        parse_ks(spec)
+
+
+@pytest.mark.parametrize("true_k", [4, 8])
+def test_k_sweep_suggests_the_true_k_and_writes_its_outputs(ray_running, tmp_path, true_k):
+    x, y = _blobs(true_k, seed=true_k)
+    feats = K.array_features(np.arange(len(x)), y, np.array(["train"] * len(x)), x, "blobs", batch_rows=97)
+    out = tmp_path / "sweep"
+    ks = [2, 3, 4, 6, 8, 12] if true_k == 4 else [4, 6, 8, 12]
+    s = sweep_k(feats, str(out), ks, "stability", all_k=true_k == 8, preprocess="none", nredo=10, actors=1,
+                progress=False)
+    assert s["suggested_k"] == true_k, s["table"]
+    assert json.loads((out / "k_sweep.json").read_text())["suggested_k"] == true_k
+    table = pd.read_csv(out / "k_sweep.csv")
+    assert list(table["k"]) == ks and {"stability", "silhouette", "davies_bouldin"} <= set(table)
+    assert (out / "k_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    where = out / f"k{true_k}" if true_k == 8 else out  # all_k: one folder per k
+    m = json.loads((where / "metrics.json").read_text())
+    assert m["k"] == true_k and m["acc"] > 0.99 and m["criteria"]["stability"] > 0.99
+    assert len(pd.read_parquet(where / "assignments")) == len(x)
+    if true_k == 8:
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k12", "k4", "k6", "k8"]
