@@ -14,29 +14,14 @@ import time
 import numpy as np
 
 from .config import UserError
-from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, shard_paths, to_device
+from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, sample_rows, shard_paths, to_device
 from .faults import slow_down
 from .storage import Loc, loc, write_parquet
-from .models import DEFAULT_READOUT, discriminator_from_checkpoint, embedding_dim, load_state, recalibrate_batchnorm
+from .models import DEFAULT_READOUT, check_data_fits, discriminator_from_checkpoint, embedding_dim, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
-
-
-def _sample_images(data: Loc, manifest: dict, n: int, seed: int = 0) -> np.ndarray:
-    """Up to n images spread over every shard, without Ray: (n, H, W, C) uint8."""
-    import pyarrow.parquet as pq
-
-    shards = shard_paths(data)
-    per = max(1, n // len(shards))
-    rng = np.random.default_rng(seed)
-    out = []
-    for f in shards:
-        t = pq.read_table(f.path, columns=["image"], filesystem=f.fs)
-        take = rng.choice(len(t), size=min(per, len(t)), replace=False)
-        out.append(decode_images(t["image"].take(take).to_pylist(), manifest["resolution"], manifest["channels"]))
-    return np.concatenate(out)[:n]
 
 
 class ShardEmbedder:
@@ -105,13 +90,8 @@ def load_embedder(checkpoint: str, data: str, calibrate: int = 2048):
     """D from a checkpoint, BatchNorm stats re-estimated on real images of `data`."""
     state = load_state(checkpoint)
     D, mcfg = discriminator_from_checkpoint(state)
-    manifest = read_manifest(data)
-    if (manifest["resolution"], manifest["channels"]) != (mcfg.resolution, mcfg.channels):
-        raise UserError(
-            f"dataset {data} is {manifest['resolution']}px x {manifest['channels']}ch but the checkpoint's D expects "
-            f"{mcfg.resolution}px x {mcfg.channels}ch; prepare the data at the training resolution"
-        )
-    recalibrate_batchnorm(D, _sample_images(loc(data), manifest, calibrate))
+    check_data_fits(read_manifest(data), mcfg, data)
+    recalibrate_batchnorm(D, sample_rows(data, calibrate)[0])
     return D, state
 
 
@@ -140,8 +120,10 @@ def embed_dataset(
     overwrite: bool = False,
     progress: bool = True,
     amp: str = "auto",
+    selection: dict | None = None,
 ) -> dict:
-    """Embed every image of `data` into `out`; returns the embeddings manifest."""
+    """Embed every image of `data` into `out`; returns the embeddings manifest (holding
+    `selection`, the checkpoint choice of `embed --select`, when given)."""
     import pyarrow.parquet as pq
     import ray
     import ray.data
@@ -226,5 +208,7 @@ def embed_dataset(
     manifest = {**spec, "count": sum(expected.values()), "dim": dim, "arch": state["config"]["model"]["arch"],
                 "shards": sorted(p.name for p in target.values()), "reused_shards": done_before,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if selection:
+        manifest["selection"] = selection
     (out / MANIFEST).write_json(manifest)
     return manifest

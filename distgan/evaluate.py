@@ -260,9 +260,6 @@ class Evaluator:
         return real
 
     def __call__(self, G_ema: nn.Module, D: nn.Module, step: int) -> dict:
-        from .cluster import clustering_metrics, fit_sample, search
-        from .cluster.criteria import criteria
-
         cl = self.cluster
         t = time.perf_counter()
         out: dict[str, float] = {}
@@ -280,22 +277,96 @@ class Evaluator:
             out["eval/fid"] = frechet_distance(self.real_feats, fake_feats)
             out["eval/kid"] = kernel_inception_distance(self.real_feats, fake_feats, subset_size=min(500, self.n))
         if self.n >= 4 * self.k:  # enough held-out points to halve for the stability criterion
-            # A copy of D on its training device, BatchNorm re-estimated on these real images, eval mode.
-            d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)), self.real_u8)
-            with torch.no_grad():
-                emb = torch.cat([d.embed(real[i : i + 256], cl.features, cl.readout).float().cpu()
-                                 for i in range(0, self.n, 256)]).numpy()  # (n, E)
-            # what `distgan cluster` would fit (preprocessing, the manifold step, restarts), on the held-out set
-            _, km, z = fit_sample(emb, self.k, cl.preprocess, min(cl.pca_dim, emb.shape[1]), cl.niter, cl.nredo,
-                                  cl.spherical, seed=0, manifold=cl.manifold, manifold_dim=cl.manifold_dim)
-            c, _ = search(km.index, z)
-            out |= {f"eval/{name}": v for name, v in criteria(z, c, self.k, spherical=cl.spherical).items()}
+            emb = embed_held_out(D, self.real_u8, cl.features, cl.readout, real)  # (n, E)
             known = self.labels >= 0
-            if known.sum() >= 2 * self.k:
-                out["eval/nmi"] = clustering_metrics(self.labels[known], c[known])["nmi"]
+            scores = embedding_criteria(emb, self.k, cl, self.labels if known.sum() >= 2 * self.k else None)
+            out |= {f"eval/{name}": v for name, v in scores.items()}
+            if "nmi" in scores:
                 out["eval/probe_acc"] = _holdout_probe(emb[known], self.labels[known])
         out["eval/seconds"] = time.perf_counter() - t
         return out
+
+
+
+# ---------------------------------------------------------------- label-free scoring of a D
+
+
+def embed_held_out(D: nn.Module, images_u8: np.ndarray, features: str, readout: str,
+                   real: torch.Tensor | None = None) -> np.ndarray:
+    """D's embeddings (n, E) float32 of held-out images (n, H, W, C) uint8: a copy of D on its
+    own device, BatchNorm re-estimated on these images, eval mode. `real`: the same images
+    already on that device as (n, C, H, W) floats, when the caller has them."""
+    from .data import to_device
+
+    d = recalibrate_batchnorm(copy.deepcopy(unwrap(D)), images_u8)
+    if real is None:
+        real = to_device(images_u8, next(d.parameters()).device)
+    with torch.no_grad():
+        return torch.cat([d.embed(real[i : i + 256], features, readout).float().cpu()
+                          for i in range(0, len(real), 256)]).numpy()
+
+
+def embedding_criteria(emb: np.ndarray, k: int, cl, labels: np.ndarray | None = None) -> dict:
+    """What `distgan cluster` would fit on these embeddings (emb (n, E); the config's cluster
+    section `cl`: preprocessing, the manifold step, restarts), scored by every label-free
+    criterion; with labels (n,) (-1 unknown) also the NMI of the clustering."""
+    from .cluster import clustering_metrics, fit_sample, search
+    from .cluster.criteria import criteria
+
+    _, km, z = fit_sample(emb, k, cl.preprocess, min(cl.pca_dim, emb.shape[1]), cl.niter, cl.nredo,
+                          cl.spherical, seed=0, manifold=cl.manifold, manifold_dim=cl.manifold_dim)
+    c, _ = search(km.index, z)
+    out = criteria(z, c, k, spherical=cl.spherical)
+    if labels is not None:
+        known = labels >= 0
+        out["nmi"] = clustering_metrics(labels[known], c[known])["nmi"]
+    return out
+
+
+def select_checkpoint(run_dir: str, data: str, criterion: str, features: str, readout: str,
+                      images: int = 2000, k: int | None = None, progress: bool = True) -> dict:
+    """Score every checkpoint_* of a run folder by a label-free criterion on `images` images of
+    `data` (embedded by that checkpoint's D with this read-out, clustered as its config's
+    cluster section says, k = the dataset's classes or cluster.k) and pick the best. Returns
+    {"checkpoint", "step", "criterion", "value", "k", "images", "table": [per checkpoint]}."""
+    from tqdm import tqdm
+
+    from . import config as C
+    from .cluster.criteria import CRITERIA, best, check_criterion
+    from .data import read_manifest, sample_rows
+    from .models import STATE_FILE, check_data_fits, discriminator_from_checkpoint, embedding_dim, load_state
+    from .storage import check_access
+
+    check_criterion(criterion)
+    run = loc(run_dir)
+    check_access(run)
+    if (run / STATE_FILE).exists():
+        raise UserError(f"--select scores the checkpoints of a run: give the run folder holding checkpoint_* "
+                        f"folders, not one checkpoint ({run})")
+    ckpts = sorted((c for c in run.glob("checkpoint_*") if (c / STATE_FILE).is_file()), key=lambda c: c.name) if run.is_dir() else []
+    if not ckpts:
+        raise UserError(f"no checkpoint_* folders with {STATE_FILE} in {run}: --select needs a run folder of `distgan train`")
+    manifest = read_manifest(data)
+    classes = len(manifest["class_names"])
+    x_u8, labels = sample_rows(data, images, seed=1)  # seed 1: not the calibration sample of `embed`
+    table = []
+    for ck in tqdm(ckpts, desc=f"scoring checkpoints ({criterion})", disable=not progress):
+        state = load_state(ck)
+        D, mcfg = discriminator_from_checkpoint(state)
+        check_data_fits(manifest, mcfg, data)
+        embedding_dim(D, features, readout, mcfg.resolution, mcfg.channels)  # a grid too large: UserError
+        cl = C.from_dict(state["config"]).cluster
+        kk = k or (classes if classes >= 2 else cl.k)
+        if len(x_u8) < 4 * kk:
+            raise UserError(f"--select needs at least {4 * kk} images for k={kk}; {data} gave {len(x_u8)}")
+        scores = embedding_criteria(embed_held_out(D, x_u8, features, readout), kk, cl,
+                                    labels if (labels >= 0).sum() >= 2 * kk else None)
+        table.append({"checkpoint": ck.uri, "step": int(state["step"]), "k": kk, **scores})
+    # ties go to the later checkpoint: max() keeps the first of equals, so look from the end
+    pick = best(table[::-1], criterion)
+    return {"checkpoint": pick["checkpoint"], "step": pick["step"], "criterion": criterion,
+            "direction": CRITERIA[criterion], "value": pick[criterion], "k": pick["k"], "images": len(x_u8),
+            "features": features, "readout": readout, "table": table}
 
 
 def _holdout_probe(x: np.ndarray, y: np.ndarray) -> float:

@@ -397,6 +397,15 @@ def load_state(path) -> dict:
     return state
 
 
+def check_data_fits(manifest: dict, mcfg: ModelConfig, data) -> None:
+    """A dataset's images must have the resolution and channels the checkpoint's D was built for."""
+    if (manifest["resolution"], manifest["channels"]) != (mcfg.resolution, mcfg.channels):
+        raise UserError(
+            f"dataset {data} is {manifest['resolution']}px x {manifest['channels']}ch but the checkpoint's D expects "
+            f"{mcfg.resolution}px x {mcfg.channels}ch; prepare the data at the training resolution"
+        )
+
+
 def discriminator_from_checkpoint(state: dict) -> tuple[nn.Module, ModelConfig]:
     """Rebuild D from a checkpoint's own config (the dict saved beside the weights)."""
     from . import config as C

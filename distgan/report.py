@@ -114,6 +114,20 @@ def _metrics_table(clusters: dict[str, dict], probe: list[dict]) -> str:
     return out
 
 
+def _sweep_section(d: Loc) -> str:
+    """The k sweep of `distgan cluster --k LIST`: its plot (k_sweep.png) and table, the suggested k marked."""
+    from .cluster.criteria import CRITERIA
+
+    s = (d / "k_sweep.json").read_json()
+    names = list(CRITERIA)
+    rows = "".join(
+        f"<tr><td>{'<b>' if r['k'] == s['suggested_k'] else ''}{r['k']}{' (suggested)</b>' if r['k'] == s['suggested_k'] else ''}</td>"
+        + "".join(f"<td>{r[n]:.3f}</td>" for n in names) + "</tr>" for r in s["table"])
+    plot = f"<figure>{_img(_file_b64(d / 'k_sweep.png'), 'k sweep', 900)}</figure>" if (d / "k_sweep.png").is_file() else ""
+    return (f"<h3>Choosing k without labels: suggested k = {s['suggested_k']} (best {html.escape(s['criterion'])})</h3>"
+            + plot + "<table><tr><th>k</th>" + "".join(f"<th>{n}</th>" for n in names) + f"</tr>{rows}</table>")
+
+
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
@@ -162,6 +176,8 @@ def write_report(out_dir) -> Loc:
         if conf:
             figs.append(f"<figure>{_img(conf, 'clusters vs labels')}</figure>")
         parts.append(f"<div class='grid'>{''.join(figs)}</div>")
+        if (d / "k_sweep.json").is_file():
+            parts.append(_sweep_section(d))
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>distgan report</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>"
     path = out / "report.html"
     path.write_text(page)

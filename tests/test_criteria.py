@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -89,3 +90,72 @@ def test_k_sweep_suggests_the_true_k_and_writes_its_outputs(ray_running, tmp_pat
     assert len(pd.read_parquet(where / "assignments")) == len(x)
     if true_k == 8:
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k12", "k4", "k6", "k8"]
+
+
+# ---------------------------------------------------------------- embed --select
+
+
+def _run_of(root, checkpoint, steps, seeds=None):
+    """A run folder holding checkpoint_<step> folders made from one checkpoint's state; with
+    seeds, each D re-initialised from its own seed (so their embeddings differ)."""
+    import torch
+
+    from distgan import config as C
+    from distgan.models import build_discriminator
+
+    state = torch.load(Path(checkpoint) / "state.pt", weights_only=True)
+    run = root / "run"
+    for i, s in enumerate(steps):
+        d = run / f"checkpoint_{s:07d}"
+        d.mkdir(parents=True)
+        st = {**state, "step": s}
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
+            full = C.from_dict(state["config"])
+            st["D"] = build_discriminator(full.model, full.objective.name).state_dict()
+        torch.save(st, d / "state.pt")
+    return run
+
+
+@pytest.mark.parametrize("criterion,scores,pick", [
+    ("stability", {0: 0.5, 5: 0.9, 10: 0.7}, 5),        # higher is better: not the latest
+    ("davies_bouldin", {0: 1.2, 5: 0.8, 10: 0.9}, 5),   # lower is better
+    ("davies_bouldin", {0: 0.3, 5: 0.8, 10: 0.9}, 0),
+    ("silhouette", {0: 0.2, 5: 0.4, 10: 0.4}, 10),      # a tie goes to the later checkpoint
+])
+def test_select_checkpoint_follows_the_criterions_direction(monkeypatch, fake_dir, untrained_checkpoint, tmp_path,
+                                                            criterion, scores, pick):
+    import distgan.evaluate as E
+    import distgan.models as M
+
+    run = _run_of(tmp_path, untrained_checkpoint, sorted(scores))
+    loaded = []
+    real_load = M.load_state
+    monkeypatch.setattr(M, "load_state", lambda p: loaded.append(real_load(p)) or loaded[-1])
+    # the score of the checkpoint just loaded; every criterion gets it, NaN-free
+    monkeypatch.setattr(E, "embedding_criteria", lambda emb, k, cl, labels=None: {
+        name: scores[loaded[-1]["step"]] for name in ("stability", "silhouette", "davies_bouldin")})
+    sel = E.select_checkpoint(str(run), str(fake_dir), criterion, "multi", "grid4-max", images=64, progress=False)
+    assert sel["step"] == pick and sel["checkpoint"].endswith(f"checkpoint_{pick:07d}")
+    assert [r["step"] for r in sel["table"]] == sorted(scores) and sel["value"] == scores[pick]
+
+
+def test_embed_select_embeds_with_the_chosen_checkpoint_and_records_why(ray_running, capsys, fake_dir,
+                                                                        untrained_checkpoint, tmp_path):
+    from distgan.cli import main
+
+    run = _run_of(tmp_path, untrained_checkpoint, [0, 5, 10], seeds=[0, 1, 2])
+    out = tmp_path / "emb"
+    code = main(["embed", "--checkpoint", str(run), "--data", str(fake_dir), "--out", str(out),
+                 "--select", "silhouette", "--select-images", "200"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    m = json.loads((out / "embeddings.json").read_text())
+    sel = m["selection"]
+    assert len(sel["table"]) == 3 and sel["criterion"] == "silhouette" and sel["images"] == 200
+    values = [r["silhouette"] for r in sel["table"]]
+    assert len(set(values)) == 3  # three different Ds, three different scores
+    chosen = sel["table"][int(np.argmax(values))]
+    assert m["checkpoint"] == chosen["checkpoint"] and m["step"] == chosen["step"]  # embedded with it
+    assert f"selected checkpoint_{chosen['step']:07d} (step {chosen['step']}): silhouette" in printed
+    assert "the highest of 3 checkpoints" in printed

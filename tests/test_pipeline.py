@@ -15,6 +15,7 @@ from distgan.storage import loc
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+KS = ["--k", "8:12:2"]  # the embeddings choose k among 8, 10, 12 without labels; the pixels get that k
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def pipeline_dir(ray_running, bucket, tmp_path_factory):
     here = os.getcwd()
     os.chdir(cwd)
     try:
-        assert main(["pipeline", "--dataset", "digits", "--out", out.uri, "--smoke-test"]) == 0
+        assert main(["pipeline", "--dataset", "digits", "--out", out.uri, "--smoke-test", *KS]) == 0
     finally:
         os.chdir(here)
     # nothing on the local disk: not in the working folder (no "s3:" folder), not in the repository
@@ -67,14 +68,22 @@ def test_pipeline_writes_every_artifact(pipeline_dir):
     for key in ("acc (embeddings)", "nmi (embeddings)", "ari (embeddings)", "acc (pixels)", "probe acc (embeddings)"):
         assert 0.0 <= headline[key] <= 1.0, key
     assert (out / "pipeline.json").read_json()["checkpoint"].startswith(out.uri + "/runs/gan/checkpoint_")
+    sweep = (out / "clusters" / "embeddings" / "k_sweep.json").read_json()
+    assert sweep["ks"] == [8, 10, 12] and [r["k"] for r in sweep["table"]] == [8, 10, 12]
+    k = sweep["suggested_k"]
+    assert max(sweep["table"], key=lambda r: r["stability"])["k"] == k  # the default criterion's best
+    assert (out / "clusters" / "embeddings" / "metrics.json").read_json()["k"] == k
+    assert (out / "clusters" / "pixels" / "metrics.json").read_json()["k"] == k
+    assert (out / "pipeline.json").read_json()["k"] == k
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") >= 6  # curves, samples, 2 montages, sizes, confusion
+    assert page.count("data:image/png;base64,") >= 7  # curves, samples, 2 montages, sizes, confusion, k sweep
     assert "raw pixels" in page and "D embeddings" in page
+    assert f"Choosing k without labels: suggested k = {k} (best stability)" in page
 
 
 def test_rerun_resumes_instead_of_starting_over(pipeline_dir, capsys):
     before = [p.name for p in (pipeline_dir / "runs" / "gan").glob("checkpoint_0*")]
-    assert main(["pipeline", "--dataset", "digits", "--out", pipeline_dir.uri, "--smoke-test"]) == 0
+    assert main(["pipeline", "--dataset", "digits", "--out", pipeline_dir.uri, "--smoke-test", *KS]) == 0
     assert "reusing" in capsys.readouterr().out
     assert [p.name for p in (pipeline_dir / "runs" / "gan").glob("checkpoint_0*")] == before
 

@@ -184,3 +184,18 @@ def test_console_shows_distgans_lines_and_verbose_brings_rays_back(fake_dir, tmp
     assert "faiss k-means: k=3" in verbose
     missing = [name for name, text in NOISE.items() if text not in verbose]
     assert not missing, f"--verbose lost {missing}:\n{verbose}"
+
+
+def test_embed_select_refusals(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path):
+    out = tmp_path / "emb"
+    base = ["embed", "--data", str(fake_dir), "--out", str(out)]
+    run = Path(untrained_checkpoint).parent
+    _refused(capsys, [*base, "--checkpoint", str(run), "--select", "nmi"],
+             "criterion must be one of stability, silhouette, davies_bouldin, got 'nmi'", out)
+    _refused(capsys, [*base, "--checkpoint", str(untrained_checkpoint), "--select", "stability"],
+             "give the run folder holding checkpoint_* folders, not one checkpoint", out)
+    (tmp_path / "empty").mkdir()
+    _refused(capsys, [*base, "--checkpoint", str(tmp_path / "empty"), "--select", "stability"],
+             "no checkpoint_* folders with state.pt in", out)
+    _refused(capsys, [*base, "--checkpoint", str(run), "--select", "stability", "--select-images", "4"],
+             "--select-images must be >= 8, got 4", out)

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     add_embed_flags(s)
     s.add_argument("--actors", type=int, help="actor pool size (default: one per GPU, else 2)")
+    s.add_argument("--select", metavar="CRITERION",
+                   help="--checkpoint is a run folder: embed with its checkpoint that scores best by this label-free "
+                        "criterion (stability | silhouette | davies_bouldin) on --select-images images of --data")
+    s.add_argument("--select-images", type=int, default=2000, help="images scored per checkpoint by --select")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_embed)
 
@@ -109,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--steps", type=int)
     s.add_argument("--workers", type=int)
-    s.add_argument("--k", type=int, help="clusters (default: number of classes)")
+    s.add_argument("--k", help="clusters (default: number of classes); several (5,10,20 or 4:40:4): the embeddings "
+                                "are clustered at each, the suggested k is kept and the pixels get it too")
+    s.add_argument("--select-k", default="stability", metavar="CRITERION",
+                   help="with several --k: stability | silhouette | davies_bouldin")
     s.add_argument("--overwrite", action="store_true", help="start from scratch (otherwise a rerun resumes)")
     s.add_argument("--smoke-test", action="store_true", help="tiny model, a few steps: checks the whole path")
     s.set_defaults(fn=cmd_pipeline)

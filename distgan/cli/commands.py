@@ -6,7 +6,8 @@ from __future__ import annotations
 from .. import config as C
 from ..config import ClusterConfig, UserError
 from ..storage import check_access, loc
-from .common import SMOKE, at_least, load_config, print_cluster_metrics, print_info, print_sweep, smoke_inputs
+from .common import (SMOKE, at_least, load_config, print_cluster_metrics, print_criteria, print_info, print_sweep,
+                     smoke_inputs)
 
 CLUSTER = ClusterConfig()  # defaults shared with the parser, the pipeline and the job configs
 
@@ -55,11 +56,26 @@ def cmd_embed(args) -> None:
     from ..embed import embed_dataset
 
     at_least("--actors", args.actors)
+    selection = None
+    if args.select:
+        from ..cluster.criteria import check_criterion
+        from ..evaluate import select_checkpoint
+
+        check_criterion(args.select)
+        at_least("--select-images", args.select_images, 8)
+        selection = select_checkpoint(args.checkpoint, args.data, args.select, args.features, args.readout,
+                                      images=args.select_images)
+        print_criteria([{**r, "checkpoint": loc(r["checkpoint"]).name} for r in selection["table"]], "checkpoint",
+                       loc(selection["checkpoint"]).name, "selected")
+        print(f"selected {loc(selection['checkpoint']).name} (step {selection['step']}): {args.select} "
+              f"{selection['value']:.4f}, the {'highest' if selection['direction'] == 'max' else 'lowest'} of "
+              f"{len(selection['table'])} checkpoints (k={selection['k']}, {selection['images']} images of {args.data})")
+        args.checkpoint = selection["checkpoint"]
     # embed_dataset checks the flags, the checkpoint (weights_only, distgan's format tag) and
     # the dataset before it starts Ray.
     m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
                       features=args.features, readout=args.readout, num_actors=args.actors, overwrite=args.overwrite,
-                      amp=args.amp)
+                      amp=args.amp, selection=selection)
     print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}, readout={m['readout']}) "
           f"-> {args.out}")
 

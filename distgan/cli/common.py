@@ -68,12 +68,22 @@ def print_info(path) -> None:
             print(f"    {name:<14} {n}")
 
 
+def print_criteria(rows: list[dict], key: str, chosen, what: str) -> None:
+    """Label-free criteria, one line per k or per checkpoint (`key` names the column), the
+    chosen row marked; NMI beside them when the data had labels (shown, never used to choose)."""
+    nmi = any("nmi" in r for r in rows)
+    width = max(len(key), *(len(str(r[key])) for r in rows))
+    print(f"{key:>{width}}  stability  silhouette  davies_bouldin" + ("     nmi" if nmi else ""))
+    for r in rows:
+        line = f"{str(r[key]):>{width}}  {r['stability']:9.3f}  {r['silhouette']:10.3f}  {r['davies_bouldin']:14.3f}"
+        if nmi:
+            line += f"  {r.get('nmi', float('nan')):6.3f}"
+        print(line + (f"  <- {what}" if r[key] == chosen else ""))
+
+
 def print_sweep(s: dict) -> None:
     """The k sweep's criteria, one line per k, the suggested one marked."""
-    print("     k  stability  silhouette  davies_bouldin")
-    for r in s["table"]:
-        mark = "  <- suggested" if r["k"] == s["suggested_k"] else ""
-        print(f"{r['k']:>6}  {r['stability']:9.3f}  {r['silhouette']:10.3f}  {r['davies_bouldin']:14.3f}{mark}")
+    print_criteria(s["table"], "k", s["suggested_k"], "suggested")
     print(f"suggested k = {s['suggested_k']} (best {s['criterion']})")
 
 

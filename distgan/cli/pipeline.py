@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import config as C
 from ..config import UserError
 from ..storage import check_access, loc
-from .common import SMOKE, at_least, print_info
+from .common import SMOKE, print_info
 
 
 # Demo-sized defaults per source: what differs from the Python defaults, like a YAML diff.
@@ -25,7 +25,10 @@ def cmd_pipeline(args) -> None:
     from ..report import write_report
     from ..train import run_training
 
-    at_least("--k", args.k, 2)
+    from ..cluster.criteria import check_criterion
+
+    ks = C.parse_ks(args.k) if args.k else None
+    check_criterion(args.select_k)
     out = loc(args.out)
     check_access(out, write=True)
     if out.iterdir() and not (args.overwrite or (out / "pipeline.json").exists()):
@@ -50,7 +53,7 @@ def cmd_pipeline(args) -> None:
         print(f"[1/6] prepare: reusing {data}")
     print_info(data)
     manifest = read_manifest(data)
-    k = args.k or max(2, len(manifest["class_names"]) or 10)
+    k = ks[0] if ks else max(2, len(manifest["class_names"]) or 10)
     init_ray()
     print(f"[2/6] train {cfg.model.arch}/{cfg.loss.name}, {cfg.train.steps} steps, {cfg.train.num_workers} worker(s)")
     trained = run_training(cfg, storage=(out / "runs").uri, name="gan")
@@ -60,12 +63,24 @@ def cmd_pipeline(args) -> None:
         emb.rmtree()  # training went further since: these embeddings are stale
     embed_dataset(trained.checkpoint, data, emb, features=cfg.cluster.features, readout=cfg.cluster.readout,
                   progress=not args.smoke_test)
-    print(f"[4/6] faiss k-means, k={k}: D embeddings, then raw pixels (the baseline)")
+    print(f"[4/6] faiss k-means, k={ks if ks and len(ks) > 1 else k}: D embeddings, then raw pixels (the baseline)")
     cl = cfg.cluster
-    kw = dict(k=k, preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,
+    kw = dict(preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,
               spherical=cl.spherical, sample=cl.sample, seed=cl.seed, manifold=cl.manifold, manifold_dim=cl.manifold_dim,
               overwrite=True, data=data, progress=False)
-    m_emb = run_clustering(embedding_features(emb), out / "clusters" / "embeddings", **kw)
+    if ks and len(ks) > 1:  # the embeddings choose k without labels; the pixels get the same k
+        from ..cluster.sweep import sweep_k
+
+        k = sweep_k(embedding_features(emb), (out / "clusters" / "embeddings").uri, ks, args.select_k, **kw)["suggested_k"]
+        print(f"      suggested k = {k} (best {args.select_k} of k in {ks})")
+        m_emb = (out / "clusters" / "embeddings" / "metrics.json").read_json()
+    else:
+        from ..cluster.sweep import SWEEP_FILES
+
+        for name in SWEEP_FILES:  # an earlier run's sweep would be shown in the report as this one's
+            (out / "clusters" / "embeddings" / name).unlink()
+        m_emb = run_clustering(embedding_features(emb), out / "clusters" / "embeddings", k=k, **kw)
+    kw["k"] = k
     # Pixels get the same steps (PCA, the manifold) so the comparison is fair.
     m_pix = run_clustering(pixel_features(data), out / "clusters" / "pixels", **kw)
     print("[5/6] linear probe on the embeddings, classic baselines on raw pixels")

@@ -221,6 +221,24 @@ def read_arrays(path: str | Path, split: str = "all", columns=COLUMNS) -> dict[s
     return {c: _column_numpy(table[c]) for c in columns}
 
 
+def sample_rows(path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n images spread over every shard, without Ray: ((n, H, W, C) uint8, (n,) labels
+    with -1 where unknown). What BatchNorm re-estimation and checkpoint selection look at."""
+    import pyarrow.parquet as pq
+
+    m = read_manifest(path)
+    shards = shard_paths(path)
+    per = max(1, n // len(shards))
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for f in shards:
+        t = pq.read_table(f.path, columns=["image", "label"], filesystem=f.fs)
+        take = rng.choice(len(t), size=min(per, len(t)), replace=False)
+        images.append(decode_images(t["image"].take(take).to_pylist(), m["resolution"], m["channels"]))
+        labels.append(_column_numpy(t["label"].take(take)))
+    return np.concatenate(images)[:n], np.concatenate(labels)[:n]
+
+
 def _column_numpy(col) -> np.ndarray:
     if col.type == "int32":  # label: nulls become -1
         return col.fill_null(-1).to_numpy()
