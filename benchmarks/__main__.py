@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from . import embed, eval_cost, gpu, kmeans, manifold, quality, scale, train_throughput
+from . import embed, eval_cost, gpu, kmeans, manifold, quality, scale, selection, train_throughput
 from .common import machine, machine_line, results_dir
 
 BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "embed": embed, "eval_cost": eval_cost,
-              "quality": quality, "scale": scale, "manifold": manifold, "gpu": gpu}
+              "quality": quality, "selection": selection, "scale": scale, "manifold": manifold, "gpu": gpu}
 # The GPU benchmark runs by default where there is a GPU; `--only gpu` asks for it anywhere.
 DEFAULT = [name for name in BENCHMARKS if name != "gpu" or torch.cuda.is_available()]
-TABLES = ["train_throughput", "kmeans", "kmeans_assign", "scale", "manifold", "embed", "eval_cost", "quality", "gpu"]
+TABLES = ["train_throughput", "kmeans", "kmeans_assign", "scale", "manifold", "embed", "eval_cost", "quality", "selection", "gpu"]
 
 
 def main(argv=None) -> None:
