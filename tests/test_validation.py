@@ -132,7 +132,7 @@ def test_cluster_with_checkpoint_checks_k_before_embedding(no_ray, capsys, fake_
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--k", "1"], "--k must be >= 2"),
+    (["--k", "1"], "--k values must be >= 2, got 1"),
     (["--steps", "0"], "train.steps must be"),
     (["--workers", "0"], "train.num_workers must be"),
 ])
