@@ -113,7 +113,8 @@ def run_clustering(
         "niter": niter, "nredo": nredo, "spherical": spherical, "trained_on": fit["trained_on"],
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
         "seconds_fit": round(t_fit, 3), "resumed": resume,
-        "seconds_criteria": fit.get("criteria_seconds"),  # part of seconds_fit "seconds_assign": round(totals.seconds_assign, 3),
+        "seconds_criteria": fit.get("criteria_seconds"),  # part of seconds_fit
+        "seconds_assign": round(totals.seconds_assign, 3),
         "seconds_metrics": round(totals.seconds_metrics, 3), "seconds_total": round(time.perf_counter() - t0, 3),
         "criteria": fit.get("criteria"),  # label-free (criteria.py), on the k-means sample
         **metrics_from_contingency(totals.cont),
