@@ -59,10 +59,39 @@ def plain_rate(D, images: np.ndarray, readout: str, batch: int, chunk: int = 100
     return len(images) / (time.perf_counter() - t)
 
 
+def write_cost(dim: int, rows: int = 10000, repeat: int = 3) -> dict:
+    """Seconds (best of `repeat`) for what an actor does with one shard's result besides
+    embedding it: float32 -> float16, the Arrow table, the Parquet file written (one thread)."""
+    from distgan.embed import _table
+    from distgan.storage import loc, write_parquet
+
+    emb = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
+    ids, labels, splits = np.arange(rows), np.zeros(rows, np.int64), np.array(["train"] * rows, object)
+    best = {}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            table = _table(ids, labels, splits, emb.astype(np.float16))
+            t1 = time.perf_counter()
+            write_parquet(table, loc(f"{d}/shard.parquet"), use_dictionary=["label", "split"])  # as ShardEmbedder
+            t2 = time.perf_counter()
+            for key, v in (("convert s", t1 - t0), ("write s", t2 - t1), ("total s", t2 - t0)):
+                best[key] = min(best.get(key, v), v)
+    return {"dim": dim, "rows": rows, **best, "rows/s": rows / best["total s"]}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--write-only", action="store_true",
+                   help="only the cost of writing one shard's embeddings at the default read-out's widths")
     args = p.parse_args(argv)
+    if args.write_only:
+        rows = [write_cost(dim) for dim in (224, 3584, 7168)]  # gap width 32; grid4-max width 32 and 64
+        write_results("embed_write", rows, list(rows[0]), "python -m benchmarks.embed --write-only",
+                      "One shard of 10,000 embeddings: float32 -> float16 and the Arrow table (convert), the "
+                      "Parquet file serialised and written (write); best of 3, one thread.")
+        return rows
     tmp = Path(tempfile.mkdtemp(prefix="distgan-embed-"))
     if (DATASETS / "MNIST" / "raw").is_dir() and not args.quick:
         prepare("mnist", tmp / "data", data_root=DATASETS, progress=False)

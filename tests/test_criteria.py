@@ -88,7 +88,7 @@ def test_k_sweep_suggests_the_true_k_and_writes_its_outputs(ray_running, tmp_pat
     m = json.loads((where / "metrics.json").read_text())
     assert m["k"] == true_k and m["acc"] > 0.99 and m["criteria"]["stability"] > 0.99
     assert 0 < m["seconds_criteria"] < m["seconds_fit"]  # timed inside the fit task, which also ran k-means
-    assert m["seconds_assign"] > 0 and m["seconds_total"] > m["seconds_fit"]
+    assert m["seconds_assign"] > 0
     assert len(pd.read_parquet(where / "assignments")) == len(x)
     if true_k == 8:
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["k12", "k4", "k6", "k8"]
