@@ -105,6 +105,13 @@ def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int,
     return r.pop("fits"), r.pop("pre"), r
 
 
+def fitted(fits: dict, pre: Preprocess, info: dict, k: int) -> tuple[np.ndarray, Preprocess, dict]:
+    """What `run_clustering(fitted=...)` takes for one k of `fit_remote`'s result: its centroids,
+    the shared preprocessing, and the task's summary with that k's criteria and their cost."""
+    return fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"],
+                                              "criteria_seconds": round(fits[k]["criteria_seconds"], 3)}
+
+
 class Assigner:
     """Ray Data actor: holds the preprocessing and a faiss index over the centroids, built
     once. Each call takes read units (`read_units`); per unit it writes the assignments

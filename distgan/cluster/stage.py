@@ -34,6 +34,7 @@ def run_clustering(
     (`cluster --checkpoint` embeds into OUT/embeddings). `fitted` = (centroids, pre, summary) of
     a fit already made (a k sweep's) skips the fit."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
+    from .distributed import fitted as fitted_k
     from .fit import Preprocess, restarts
 
     nredo = restarts(nredo, manifold)
@@ -76,8 +77,8 @@ def run_clustering(
                   f"{features.description}")
             fits, pre, fit = fit_remote(features, [k], preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
                                         manifold, manifold_dim)
-            fitted = fits[k]["centroids"], pre, fit | {"criteria": fits[k]["criteria"], "seconds": time.perf_counter() - t0,
-                                                       "criteria_seconds": fits[k]["criteria_seconds"]}
+            c, pre, fit = fitted_k(fits, pre, fit, k)
+            fitted = c, pre, fit | {"seconds": time.perf_counter() - t0}
         centroids, pre, fit = fitted
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": fit["seconds"],
                "criteria": fit["criteria"], "criteria_seconds": fit.get("criteria_seconds")}

@@ -45,7 +45,7 @@ def sweep_k(features: Features, out: str, ks: list[int], criterion: str = "stabi
     each). Returns the sweep summary (what k_sweep.json holds)."""
     import pandas as pd
 
-    from .distributed import check_request, fit_remote
+    from .distributed import check_request, fit_remote, fitted
     from .stage import run_clustering
 
     from ..storage import check_access
@@ -67,8 +67,7 @@ def sweep_k(features: Features, out: str, ks: list[int], criterion: str = "stabi
     kw = dict(preprocess=preprocess, pca_dim=pca_dim, niter=niter, nredo=nredo, spherical=spherical, sample=sample,
               seed=seed, manifold=manifold, manifold_dim=manifold_dim, gpus=gpus, **assign_kw)
     for k in ks if all_k else [suggested]:
-        fitted = (fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"], "criteria_seconds": fits[k]["criteria_seconds"]})
-        m = run_clustering(features, (out / f"k{k}").uri if all_k else out.uri, k, fitted=fitted,
+        m = run_clustering(features, (out / f"k{k}").uri if all_k else out.uri, k, fitted=fitted(fits, pre, info, k),
                            keep=(*keep, *SWEEP_FILES, *(f"k{v}" for v in ks)), **kw)
         if k == suggested:
             summary["suggested_metrics"] = {key: m[key] for key in ("acc", "nmi", "ari") if key in m}
