@@ -1,7 +1,8 @@
 """Embedding quality on MNIST, Fashion-MNIST (all 70,000 images each) and the CIFAR-10 copy:
 clustering (k = 10) and linear-probe accuracy of raw pixels, of a random-init D (the control),
 and of Ds trained for a wall-clock budget with each objective, each through the chosen read-out
-and the old global-average one, with and without the UMAP step.
+and the old global-average one, with and without the UMAP step, and on the UMAP map with k-means
+or a Gaussian mixture (cluster.method gmm).
 
 One row (a dataset x a model) per call; rows accumulate in benchmarks/results/quality.json and
 the table is rebuilt from all of them, so it can be filled over several sittings:
@@ -9,11 +10,13 @@ the table is rebuilt from all of them, so it can be filled over several sittings
     python -m benchmarks.quality --dataset fashion-mnist --only pixels
     python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 10
     python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 30 --seed 1
+    python -m benchmarks.quality --dataset fashion-mnist --only contrastive --checkpoint CKPT --method gmm
 
 Training runs through `distgan train`'s own loop (Ray Train, 1 worker) from the shipped config
 of the dataset (jobs/configs), with objective.name set and train.minutes as the budget; steps
 reached and wall time are reported. Clustering runs the functions `distgan cluster` runs
-(fit_preprocess, fit_umap, faiss k-means) in this process, on every point, for 3 k-means seeds.
+(fit_preprocess, fit_umap, faiss k-means or the mixture) in this process, on every point, for 3
+seeds.
 """
 from __future__ import annotations
 
@@ -36,26 +39,30 @@ CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "
 MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
 # (read-out, preprocess): the chosen one and the one distgan used before.
 READOUTS = (("grid4-max", "pca"), ("gap", "pca-whiten"))
-MANIFOLDS = ("none", "umap")
+# (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it
+VARIANTS = (("none", "kmeans"), ("umap", "kmeans"), ("umap", "gmm"))
 SEEDS = (0, 1, 2)
-COLUMNS = ["dataset", "model", "train", "read-out", "manifold", "acc", "nmi", "ari", "probe acc"]
+COLUMNS = ["dataset", "model", "train", "read-out", "manifold", "method", "acc", "nmi", "ari", "probe acc"]
 
 
-def cluster_scores(x: np.ndarray, y: np.ndarray, preprocess: str, manifold: str, seed: int, pca_dim: int = 64) -> dict:
+def cluster_scores(x: np.ndarray, y: np.ndarray, preprocess: str, manifold: str, seed: int, pca_dim: int = 64,
+                   method: str = "kmeans") -> dict:
     """What `distgan cluster`'s fit computes (fit_sample), in this process and on every point:
     preprocessing and UMAP fitted on a sample, faiss k-means (k = 10, restarts as the CLI's
-    default: 50 on the UMAP map, else 1), then every point's nearest centroid against its label."""
+    default: 50 on the UMAP map, else 1) or the Gaussian mixture, then every point's cluster
+    against its label."""
     from distgan.cluster import clustering_metrics, fit_sample, search
 
-    _, km, z = fit_sample(x, 10, preprocess, min(pca_dim, x.shape[1]), niter=50, seed=seed, manifold=manifold)
+    _, km, z = fit_sample(x, 10, preprocess, min(pca_dim, x.shape[1]), niter=50, seed=seed, manifold=manifold,
+                          method=method)
     c, _ = search(km.index, z)
     return clustering_metrics(y, c)
 
 
-def evaluate(x: np.ndarray, a: dict, preprocess: str, manifold: str) -> dict:
+def evaluate(x: np.ndarray, a: dict, preprocess: str, manifold: str, method: str = "kmeans") -> dict:
     from distgan.cluster import array_features, linear_probe
 
-    runs = [cluster_scores(x, a["label"], preprocess, manifold, s) for s in SEEDS]
+    runs = [cluster_scores(x, a["label"], preprocess, manifold, s, method=method) for s in SEEDS]
     out = {}
     for key in ("acc", "nmi", "ari"):
         v = np.array([r[key] for r in runs])
@@ -85,7 +92,7 @@ def train(dataset: str, data: Path, model: str, minutes: float, seed: int, tmp: 
 
 
 def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str] = (),
-            checkpoint: str | None = None) -> list[dict]:
+            checkpoint: str | None = None, methods: tuple[str, ...] = ("kmeans", "gmm")) -> list[dict]:
     from distgan.data import decode_images, init_ray, prepare, read_arrays, read_manifest
     from distgan.embed import embed_images, load_embedder
 
@@ -96,12 +103,13 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
     a["label"] = a["label"].astype(np.int64)
     rows = []
     base = {"dataset": dataset, "model": model, "seed": seed}
+    variants = [v for v in VARIANTS if v[1] in methods]
     if model == "pixels":
         m = read_manifest(data)
         x = decode_images(a["image"], m["resolution"], m["channels"]).reshape(len(a["id"]), -1).astype(np.float32) / 255
-        for manifold in MANIFOLDS:
+        for manifold, method in variants:
             rows.append({**base, "train": "-", "read-out": f"{x.shape[1]} pixels", "preprocess": "pca",
-                         "manifold": manifold, **evaluate(x, a, "pca", manifold)})
+                         "manifold": manifold, "method": method, **evaluate(x, a, "pca", manifold, method)})
             print(rows[-1], flush=True)
         return rows
     if checkpoint:  # scored again (e.g. after a clustering change): the checkpoint a row trained
@@ -117,17 +125,17 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
     label += "".join(f", {s}" for s in sets)
     for readout, preprocess in READOUTS:
         x = embed_images(D, images, "multi", readout, batch_size=256)
-        for manifold in MANIFOLDS:
+        for manifold, method in variants:
             rows.append({**base, "train": label, "steps": reached["steps"], "minutes": minutes, "wall minutes": reached.get("minutes"),
                          "read-out": f"{readout} ({x.shape[1]}-d), {preprocess}", "preprocess": preprocess,
-                         "manifold": manifold, **evaluate(x, a, preprocess, manifold)})
+                         "manifold": manifold, "method": method, **evaluate(x, a, preprocess, manifold, method)})
             print(rows[-1], flush=True)
     return rows
 
 
 def _key(r: dict) -> tuple:
     return (r["dataset"], r["model"], r.get("minutes", 0), r.get("seed", 0), r.get("sets", ""),
-            r["read-out"].split(" ")[0], r["manifold"])
+            r["read-out"].split(" ")[0], r["manifold"], r.get("method", "kmeans"))
 
 
 def write_table(rows: list[dict], command: str) -> str:
@@ -136,15 +144,17 @@ def write_table(rows: list[dict], command: str) -> str:
     (out / "quality.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
     order = {m: i for i, m in enumerate(MODELS)}
     rows = sorted(rows, key=lambda r: (r["dataset"], order.get(r["model"], 9), r.get("minutes", 0), r.get("seed", 0),
-                                       r["read-out"], r["manifold"]))
-    shown = [{**r, **{k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in ("acc", "nmi", "ari")}} for r in rows]
+                                       r["read-out"], r["manifold"], r.get("method", "kmeans")))
+    shown = [{"method": "kmeans", **r, **{k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}" for k in ("acc", "nmi", "ari")}} for r in rows]
     machines = sorted({r["machine"] for r in rows})
     md = ("### quality\n\nMachine(s): " + "; ".join(machines) + f"  \nCommand: `{command}` (one row per call)\n\n"
           + markdown_table(shown, COLUMNS)
           + "\nACC / NMI / ARI: mean ± std over k-means seeds 0, 1, 2 (faiss, k = 10, 50 iterations, every point); "
             "PCA to 64-d fitted on 20k points; UMAP to 10-d fitted on 20k points, every point placed by its 15 "
             "nearest sample points (UMAP refitted with each seed, so the spread includes it), k-means on the UMAP map "
-            "keeps the lowest objective of 50 restarts (the CLI's default there). Probe: logistic regression on 20,000 train-split images, accuracy on the test "
+            "keeps the lowest objective of 50 restarts (the CLI's default there); gmm: scikit-learn's full-covariance "
+            "Gaussian mixture on the UMAP map (k-means++ starts, best of 3, fitted on 20k points), each point in its "
+            "most probable component. Probe: logistic regression on 20,000 train-split images, accuracy on the test "
             "split.\n\n" + ANCHORS + "\n")
     (out / "quality.md").write_text(md)
     return md
@@ -158,6 +168,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the row's training")
     p.add_argument("--checkpoint", help="score this checkpoint (trained by an earlier call with the same flags) instead of training")
+    p.add_argument("--method", choices=("kmeans", "gmm"), action="append",
+                   help="score only these clusterings (default: both; gmm runs on the UMAP map only)")
     p.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks --quick`: does nothing here")
     args = p.parse_args(argv)
     if args.quick:
@@ -170,7 +182,8 @@ def main(argv=None):
 
     torch.set_num_threads(2)
     model = args.only or "pixels"
-    new = run_row(args.dataset, model, args.minutes, args.seed, args.set, args.checkpoint)
+    new = run_row(args.dataset, model, args.minutes, args.seed, args.set, args.checkpoint,
+                  tuple(args.method or ("kmeans", "gmm")))
     m = machine_line(machine())
     for r in new:
         r["machine"], r["sets"] = m, " ".join(args.set)

@@ -108,6 +108,7 @@ class ClusterConfig:
     readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg (models.py)
     manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
     manifold_dim: int = 10  # UMAP output dimensions
+    method: str = "kmeans"  # kmeans | gmm: a full-covariance Gaussian mixture on the manifold map (cluster/fit.py)
 
 
 @dataclass(frozen=True)
@@ -280,6 +281,7 @@ OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
 VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "translation", "cutout")
 COLOUR_AUGMENTS = ("color", "gray")  # mean nothing on one channel
 MANIFOLDS = ("none", "umap")
+CLUSTER_METHODS = ("kmeans", "gmm")  # cluster/fit.py
 FEATURES = ("last", "multi")
 AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -348,6 +350,9 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
     _choice("cluster.preprocess", c.preprocess, PREPROCESS)
     _choice("cluster.features", c.features, FEATURES)
     _choice("cluster.manifold", c.manifold, MANIFOLDS)
+    _choice("cluster.method", c.method, CLUSTER_METHODS)
+    if c.method == "gmm" and c.manifold != "umap":
+        raise UserError("cluster.method gmm fits full covariances on the manifold map: set cluster.manifold: umap")
     _choice("objective.name", cfg.objective.name, OBJECTIVES)
     parse_readout(c.readout)
     if cfg.objective.augment != "auto":

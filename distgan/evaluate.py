@@ -314,7 +314,7 @@ def embedding_criteria(emb: np.ndarray, k: int, cl, labels: np.ndarray | None = 
     from .cluster.criteria import criteria
 
     _, km, z = fit_sample(emb, k, cl.preprocess, min(cl.pca_dim, emb.shape[1]), cl.niter, cl.nredo,
-                          cl.spherical, seed=0, manifold=cl.manifold, manifold_dim=cl.manifold_dim)
+                          cl.spherical, seed=0, manifold=cl.manifold, manifold_dim=cl.manifold_dim, method=cl.method)
     c, _ = search(km.index, z)
     out = criteria(z, c, k, spherical=cl.spherical)
     if labels is not None:

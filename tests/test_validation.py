@@ -45,6 +45,7 @@ TRAIN = ["--set", "model.width=8"]
     (["--set", "objective.augment=crop,blur"], "objective.augment='blur' is not valid"),
     (["--set", "objective.name=simclr"], "objective.name='simclr' is not valid"),
     (["--set", "cluster.readout=grid4-median"], "unknown read-out 'grid4-median'"),
+    (["--set", "cluster.method=gmm", "--set", "cluster.manifold=none"], "set cluster.manifold: umap"),
 ])
 def test_train_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     out = tmp_path / "runs"
@@ -119,6 +120,10 @@ def test_embed_checkpoint_without_distgans_format_tag(no_ray, capsys, fake_dir, 
     (["--k", "5", "--manifold", "tsne"], "--manifold must be none or umap"),
     (["--k", "5", "--manifold", "umap", "--manifold-dim", "0"], "--manifold-dim must be >= 1"),
     (["--k", "5", "--preprocess", "ica"], "--preprocess must be one of"),
+    (["--k", "5", "--method", "em"], "--method must be one of kmeans, gmm, got 'em'"),
+    (["--k", "5", "--method", "gmm"], "--method gmm fits full covariances, on a manifold map"),
+    (["--k", "5", "--method", "gmm", "--manifold", "umap", "--manifold-dim", "65"], "of at most 64 dimensions"),
+    (["--k", "5", "--method", "gmm", "--manifold", "umap", "--spherical"], "--spherical is a k-means option"),
 ])
 def test_cluster_flags(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     out = tmp_path / "c"

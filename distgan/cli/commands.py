@@ -97,7 +97,8 @@ def _cluster_features(args):
     from ..embed import embed_dataset
 
     check_request(read_manifest(args.data)["count"], args.ks, args.sample, args.gpus, manifold=args.manifold,
-                  manifold_dim=args.manifold_dim, preprocess=args.preprocess)  # before embedding
+                  manifold_dim=args.manifold_dim, preprocess=args.preprocess, method=args.method,
+                  spherical=args.spherical)  # before embedding
     emb = loc(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
                   features=args.features, readout=args.readout, overwrite=args.overwrite, amp=args.amp)
@@ -119,12 +120,12 @@ def cmd_cluster(args) -> None:
     feats = _cluster_features(args)
     # before Ray starts; a --pca-dim the user gave must fit (the default, 64, is clamped to the dimension)
     check_request(feats.count, args.ks, args.sample, args.gpus, args.pca_dim or 0, feats.dim, args.manifold, args.manifold_dim,
-                  args.preprocess)
+                  args.preprocess, args.method, args.spherical)
     check_access(loc(args.out), write=True)
     init_ray()
     kw = dict(preprocess=args.preprocess, pca_dim=args.pca_dim or CLUSTER.pca_dim, niter=args.niter, nredo=args.nredo,
               spherical=args.spherical, sample=args.sample, seed=args.seed, manifold=args.manifold,
-              manifold_dim=args.manifold_dim, data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
+              manifold_dim=args.manifold_dim, method=args.method, data=args.data or args.pixels, overwrite=args.overwrite, gpus=args.gpus,
               actors=args.actors or 0, keep=("embeddings", "smoke-inputs") if args.checkpoint else ("smoke-inputs",))
     if len(args.ks) > 1:
         from ..cluster.sweep import sweep_k

@@ -67,7 +67,7 @@ def cmd_pipeline(args) -> None:
     cl = cfg.cluster
     kw = dict(preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,
               spherical=cl.spherical, sample=cl.sample, seed=cl.seed, manifold=cl.manifold, manifold_dim=cl.manifold_dim,
-              overwrite=True, data=data, progress=False)
+              method=cl.method, overwrite=True, data=data, progress=False)
     if ks and len(ks) > 1:  # the embeddings choose k without labels; the pixels get the same k
         from ..cluster.sweep import sweep_k
 

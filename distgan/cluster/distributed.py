@@ -17,7 +17,7 @@ from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
-from .fit import Preprocess, centroid_index, fit_sample, kmeans, restarts, search  # noqa: F401
+from .fit import Mixture, Preprocess, centroid_index, fit_clusters, fit_sample, restarts, search  # noqa: F401
 from .metrics import contingency
 
 QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
@@ -64,9 +64,11 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
 
 
 def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim: int, niter: int, nredo: int,
-         spherical: bool, sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10) -> dict:
-    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means for each k in
-    ks, each with its label-free criteria (criteria.py) on the sample. Returns plain arrays."""
+         spherical: bool, sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10,
+         method: str = "kmeans") -> dict:
+    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means (or a Gaussian
+    mixture) for each k in ks, each with its label-free criteria (criteria.py) on the sample.
+    Returns plain arrays (and a Mixture of arrays per k with method gmm)."""
     from .criteria import CRITERIA_SAMPLE, criteria
 
     threads = set_faiss_threads()
@@ -75,16 +77,18 @@ def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim:
     t = time.perf_counter()
     x = _collect_sample(ds, kind, dim, sample, seed)
     gpu = gpus if gpus else False
-    pre, km, z = fit_sample(x, ks[0], preprocess, pca_dim, niter, nredo, spherical, seed, gpu, manifold, manifold_dim)
+    pre, km, z = fit_sample(x, ks[0], preprocess, pca_dim, niter, nredo, spherical, seed, gpu, manifold, manifold_dim,
+                            method)
     fits = {}
     for k in ks:  # the preprocessing (and UMAP) does not depend on k: fitted once
         if k != ks[0]:
-            km = kmeans(z, k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu)
+            km = fit_clusters(z, k, method, niter, restarts(nredo, manifold), spherical, seed, gpu)
         c, _ = search(km.index, z)
         t_crit = time.perf_counter()
         # at least 10 points per cluster in the criteria's sample (k = 1000: 10,000 points)
         crit = criteria(z, c, k, seed, max(CRITERIA_SAMPLE, 10 * k), spherical)
         fits[k] = {"centroids": np.asarray(km.centroids, np.float32), "criteria": crit,
+                   "mixture": km if isinstance(km, Mixture) else None,
                    "criteria_seconds": time.perf_counter() - t_crit}
     return {"fits": fits, "pre": pre, "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads,
             "node": os.uname().nodename}
@@ -92,7 +96,7 @@ def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim:
 
 def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
                sample: int, seed: int, gpus: int = 0, manifold: str = "none",
-               manifold_dim: int = 10) -> tuple[dict, Preprocess, dict]:
+               manifold_dim: int = 10, method: str = "kmeans") -> tuple[dict, Preprocess, dict]:
     """Draw the sample with Ray Data, then run `_fit` in a fresh worker process (max_calls=1:
     no OpenMP state left by torch in a reused worker) with all of one node's CPUs, or
     `gpus` GPUs of one node. Returns ({k: {"centroids", "criteria"}}, pre, the task's summary)."""
@@ -101,28 +105,30 @@ def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int,
     ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
     r = ray.get(task.remote(ds, features.kind, features.dim, tuple(ks), preprocess, pca_dim, niter, nredo, spherical,
-                            sample, seed, gpus, manifold, manifold_dim))
+                            sample, seed, gpus, manifold, manifold_dim, method))
     return r.pop("fits"), r.pop("pre"), r
 
 
 def fitted(fits: dict, pre: Preprocess, info: dict, k: int) -> tuple[np.ndarray, Preprocess, dict]:
     """What `run_clustering(fitted=...)` takes for one k of `fit_remote`'s result: its centroids,
-    the shared preprocessing, and the task's summary with that k's criteria and their cost."""
-    return fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"],
+    the shared preprocessing, and the task's summary with that k's criteria and their cost (and
+    its Mixture, with method gmm)."""
+    return fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"], "mixture": fits[k]["mixture"],
                                               "criteria_seconds": round(fits[k]["criteria_seconds"], 3)}
 
 
 class Assigner:
     """Ray Data actor: holds the preprocessing and a faiss index over the centroids, built
-    once. Each call takes read units (`read_units`); per unit it writes the assignments
+    once (or the Gaussian mixture whose means they are). Each call takes read units
+    (`read_units`); per unit it writes the assignments
     (id, cluster, distance, label) as one Parquet file under a temporary name, renamed when
     whole, and returns that unit's summary row. A unit a previous run completed (`done`) is
     only read back and summarized, so a rerun after a crash redoes only the missing files."""
 
     def __init__(self, centroids: np.ndarray, pre: Preprocess, spherical: bool, kind: str, dim: int, gpu: bool,
-                 columns: list[str], per_cluster: int, tables: list | None = None):
+                 columns: list[str], per_cluster: int, tables: list | None = None, mixture: Mixture | None = None):
         self.threads = set_faiss_threads()
-        self.index = centroid_index(centroids, spherical, gpu)
+        self.index = mixture if mixture is not None else centroid_index(centroids, spherical, gpu)
         self.pre, self.kind, self.dim, self.k = pre, kind, dim, len(centroids)
         self.columns, self.per_cluster, self.tables = columns, per_cluster, tables or []
 
@@ -210,7 +216,8 @@ class Totals:
 
 
 def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spherical: bool, out_dir: str,
-               actors: int = 0, gpus: int = 0, per_cluster: int = 8, progress: bool = True) -> Totals:
+               actors: int = 0, gpus: int = 0, per_cluster: int = 8, progress: bool = True,
+               mixture: Mixture | None = None) -> Totals:
     """Assign every point with an actor pool: one Parquet file per read unit in `out_dir`
     (`part-NNNNN.parquet`, in unit order), and the per-unit summaries summed here. Files
     already in `out_dir` (a run that was killed) are kept and only summarized."""
@@ -235,7 +242,8 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Assigner, fn_constructor_kwargs={
             "centroids": centroids, "pre": pre, "spherical": spherical, "kind": features.kind, "dim": features.dim,
-            "gpu": bool(gpus), "columns": features.columns, "per_cluster": per_cluster, "tables": features.tables},
+            "gpu": bool(gpus), "columns": features.columns, "per_cluster": per_cluster, "tables": features.tables,
+            "mixture": mixture},
         batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
     )
@@ -257,7 +265,8 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
 
 
 def check_request(count: int, k: int | list[int], sample: int, gpus: int = 0, pca_dim: int = 0, dim: int | None = None,
-                  manifold: str = "none", manifold_dim: int = 10, preprocess: str = "none") -> int:
+                  manifold: str = "none", manifold_dim: int = 10, preprocess: str = "none", method: str = "kmeans",
+                  spherical: bool = False) -> int:
     """The checks that need no Ray, before anything starts; returns the sample size to train on.
     pca_dim (0: no PCA) must fit the features' dim when that is known."""
     from .fit import require_faiss
@@ -269,6 +278,16 @@ def check_request(count: int, k: int | list[int], sample: int, gpus: int = 0, pc
         raise UserError(f"--preprocess must be one of {', '.join(METHODS)}, got '{preprocess}'")
     if manifold not in ("none", "umap"):
         raise UserError(f"--manifold must be none or umap, got '{manifold}'")
+    from ..config import CLUSTER_METHODS
+    from .fit import MIXTURE_MAX_DIM
+
+    if method not in CLUSTER_METHODS:
+        raise UserError(f"--method must be one of {', '.join(CLUSTER_METHODS)}, got '{method}'")
+    if method == "gmm" and (manifold != "umap" or manifold_dim > MIXTURE_MAX_DIM):
+        raise UserError(f"--method gmm fits full covariances, on a manifold map of at most {MIXTURE_MAX_DIM} "
+                        "dimensions: add --manifold umap (--manifold-dim 10 by default)")
+    if method == "gmm" and spherical:
+        raise UserError("--spherical is a k-means option; --method gmm fits full covariances")
     if manifold == "umap":
         try:
             import umap  # noqa: F401

@@ -132,19 +132,91 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bo
     return km
 
 
+# ---------------------------------------------------------------- Gaussian mixture
+
+MIXTURE_SAMPLE = 20_000  # points the mixture's EM runs on (the UMAP fit's own sample size)
+MIXTURE_MAX_DIM = 64  # full covariances: d^2 parameters per component
+
+
+@dataclass
+class Mixture:
+    """A full-covariance Gaussian mixture over the space the centroids live in (cluster.method
+    = gmm, as N2D clusters its UMAP map). means (k, d) are the centroids; prec_chol (k, d, d) the
+    Cholesky factors of each component's precision (scikit-learn's precisions_cholesky_);
+    log_weights (k,). Plain arrays: saved in preprocess.npz, nothing pickled. It is its own
+    `index`: `search(mixture, x)` assigns like `search(faiss_index, x)`."""
+
+    means: np.ndarray
+    prec_chol: np.ndarray
+    log_weights: np.ndarray
+
+    @property
+    def centroids(self) -> np.ndarray:
+        return self.means
+
+    @property
+    def index(self) -> "Mixture":
+        return self
+
+    def nearest(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, d) -> (component of highest posterior (B,) int64, that component's squared
+        Mahalanobis distance (B,) float32: 0 at its mean, what the montage orders by)."""
+        x = np.asarray(x, np.float64)
+        k, d = self.means.shape
+        maha = np.empty((len(x), k))
+        for j in range(k):  # (B, d) @ (d, d) per component: O(B k d^2), small for a manifold's d
+            y = (x - self.means[j]) @ self.prec_chol[j]
+            maha[:, j] = np.einsum("bd,bd->b", y, y)
+        log_det = np.log(np.diagonal(self.prec_chol, axis1=1, axis2=2)).sum(axis=1)  # (k,) = -0.5 log|cov|
+        joint = self.log_weights + log_det - 0.5 * (d * np.log(2 * np.pi) + maha)  # (B, k) log w_j + log N(x | j)
+        c = joint.argmax(axis=1)
+        return c.astype(np.int64), maha[np.arange(len(x)), c].astype(np.float32)
+
+    def arrays(self) -> dict:
+        return {"gmm_prec_chol": self.prec_chol, "gmm_log_weights": self.log_weights}
+
+
+def gaussian_mixture(z: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> Mixture:
+    """scikit-learn's GaussianMixture (full covariances, k-means++ starts, the best of n_init)
+    on at most MIXTURE_SAMPLE points of z (N, d). reg_covar 1e-3: UMAP packs clusters tightly
+    (min_dist 0), and the default 1e-6 lets a component collapse onto a few points."""
+    from sklearn.mixture import GaussianMixture
+
+    n, d = z.shape
+    if k < 2 or k > n:
+        raise UserError(f"k must be between 2 and the number of points ({n}), got {k}")
+    rng = np.random.default_rng(seed)
+    s = z[np.sort(rng.choice(n, min(MIXTURE_SAMPLE, n), replace=False))] if n > MIXTURE_SAMPLE else z
+    gm = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, n_init=n_init, init_params="k-means++",
+                         max_iter=200, random_state=seed).fit(s)
+    return Mixture(gm.means_.astype(np.float32), gm.precisions_cholesky_.astype(np.float64),
+                   np.log(gm.weights_).astype(np.float64))
+
+
+
+def fit_clusters(z: np.ndarray, k: int, method: str = "kmeans", niter: int = 20, nredo: int = 1, spherical: bool = False,
+                 seed: int = 0, gpu: int | bool = False):
+    """k clusters of the preprocessed sample z (N, d): faiss k-means, or a Gaussian mixture.
+    Either has `.centroids` (k, d) and `.index` for `search`."""
+    if method == "gmm":
+        return gaussian_mixture(z, k, seed)
+    return kmeans(z, k, niter, nredo, spherical, seed, gpu=gpu)
+
+
 def fit_sample(x: np.ndarray, k: int, preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0,
                spherical: bool = False, seed: int = 0, gpu: int | bool = False, manifold: str = "none",
-               manifold_dim: int = 10) -> tuple[Preprocess, object, np.ndarray]:
+               manifold_dim: int = 10, method: str = "kmeans") -> tuple[Preprocess, object, np.ndarray]:
     """What a clustering fit does with its sample x (N, E): preprocessing (-> UMAP on at most
-    MANIFOLD_SAMPLE of its points), then faiss k-means on all of them. Returns (pre, kmeans, z):
-    `pre` maps any (B, E) embeddings to the space the centroids live in, z = pre(x) (N, d)."""
+    MANIFOLD_SAMPLE of its points), then faiss k-means on all of them (or a Gaussian mixture).
+    Returns (pre, model, z): `pre` maps any (B, E) embeddings to the space the centroids live
+    in, z = pre(x) (N, d); model is fit_clusters'."""
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
     if manifold == "umap":
         from .manifold import fit_umap
 
         pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
     z = pre(x)
-    return pre, kmeans(z, k, niter, restarts(nredo, manifold), spherical, seed, gpu=gpu), z
+    return pre, fit_clusters(z, k, method, niter, restarts(nredo, manifold), spherical, seed, gpu), z
 
 
 def assign(km, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,9 +239,12 @@ def search(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row: (cluster (B,) int64, distance (B,) float32), smaller = nearer.
     The squared L2 distance; under spherical k-means the index is inner-product (it returns
     similarities, larger = nearer), so the distance is the squared L2 distance between the
-    L2-normalised row and its unit centroid, 2 - 2 cos."""
+    L2-normalised row and its unit centroid, 2 - 2 cos. A Mixture (cluster.method gmm) gives
+    the component of highest posterior and the squared Mahalanobis distance to it."""
     import faiss
 
+    if isinstance(index, Mixture):
+        return index.nearest(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     dist, idx = index.search(x, 1)
     d = dist[:, 0]

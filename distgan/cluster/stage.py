@@ -21,7 +21,7 @@ OUTPUTS = ("assignments", ".assignments.tmp", "assignments.parquet", "centroids.
 def run_clustering(
     features: Features, out: str, k: int, preprocess: str = "pca-whiten", pca_dim: int = 64,
     niter: int = 20, nredo: int = 0, spherical: bool = False, sample: int = 0, seed: int = 0,
-    manifold: str = "none", manifold_dim: int = 10, data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
+    manifold: str = "none", manifold_dim: int = 10, method: str = "kmeans", data: str | None = None, montage_per_cluster: int = 8, overwrite: bool = False, progress: bool = True,
     gpus: int = 0, actors: int = 0, keep: tuple[str, ...] = (), fitted: tuple | None = None,
 ) -> dict:
     """Fit on a sample in a Ray task, assign every point with Ray Data actors, write
@@ -35,13 +35,13 @@ def run_clustering(
     a fit already made (a k sweep's) skips the fit."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
     from .distributed import fitted as fitted_k
-    from .fit import Preprocess, restarts
+    from .fit import Mixture, Preprocess, restarts
 
     nredo = restarts(nredo, manifold)
     out = loc(out)
     check_access(out, write=True)
     size = check_request(features.count, k, sample, gpus, manifold=manifold, manifold_dim=manifold_dim,
-                         preprocess=preprocess)  # pca_dim is clamped later
+                         preprocess=preprocess, method=method, spherical=spherical)  # pca_dim is clamped later
     check_gpus(gpus)
     if not gpus:  # a cluster scaled to zero: one CPU node first (the fit task and the actors size from it)
         from ..capacity import wait_for
@@ -51,6 +51,8 @@ def run_clustering(
     spec = {"features": features.description, "files": features.files, "count": features.count, "k": k,
             "preprocess": preprocess, "pca_dim": pca_dim, "niter": niter, "nredo": nredo, "spherical": spherical,
             "sample": sample, "seed": seed, "manifold": manifold, "manifold_dim": manifold_dim}
+    if method != "kmeans":  # (a k-means folder written before the option existed still resumes)
+        spec["method"] = method
     resume = not overwrite and (out / SPEC).is_file() and (out / SPEC).read_json() == spec
     if not resume:
         if set(p.name for p in out.iterdir()) - set(keep) and not overwrite:
@@ -67,19 +69,21 @@ def run_clustering(
         centroids = _load_npy(out / "centroids.npy")
         with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
             pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
+            mixture = Mixture(centroids, z["gmm_prec_chol"], z["gmm_log_weights"]) if "gmm_log_weights" in z else None
         fit = (out / ".fit.json").read_json()
-        print(f"faiss k-means: reusing the centroids in {out} (an interrupted run of this command)")
+        print(f"{method}: reusing the fit in {out} (an interrupted run of this command)")
     else:
         if fitted is None:
-            print(f"faiss k-means: k={k} on {size} of {features.count} points"
+            print(f"{'Gaussian mixture' if method == 'gmm' else 'faiss k-means'}: k={k} on {size} of {features.count} points"
                   f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}"
                   f"{f', after UMAP to {manifold_dim}-d (fitted on {min(size, MANIFOLD_SAMPLE)} points)' if manifold == 'umap' else ''}; "
                   f"{features.description}")
             fits, pre, fit = fit_remote(features, [k], preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
-                                        manifold, manifold_dim)
+                                        manifold, manifold_dim, method)
             c, pre, fit = fitted_k(fits, pre, fit, k)
             fitted = c, pre, fit | {"seconds": time.perf_counter() - t0}
         centroids, pre, fit = fitted
+        mixture = fit.get("mixture")
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": fit["seconds"],
                "criteria": fit["criteria"], "criteria_seconds": fit.get("criteria_seconds")}
         (out / ".fit.json").write_json(fit)
@@ -87,7 +91,8 @@ def run_clustering(
         np.save(buf, centroids)
         (out / "centroids.npy").write_bytes(buf.getvalue())
         buf = io.BytesIO()
-        np.savez(buf, method=pre.method, spherical=spherical, **pre.arrays())  # what the actors apply
+        np.savez(buf, method=pre.method, spherical=spherical, **pre.arrays(),  # what the actors apply
+                 **(mixture.arrays() if mixture is not None else {}))
         (out / "preprocess.npz").write_bytes(buf.getvalue())  # last, and atomic: marks the fit as complete
     t_fit = fit["seconds"]
 
@@ -98,7 +103,7 @@ def run_clustering(
     if resume and out.is_local and (out / "assignments").is_dir():  # killed after the rename: its files are all done
         (out / "assignments").move(tmp)
     totals = assign_all(features, centroids, pre, spherical, tmp.uri, gpus=gpus, actors=actors,
-                        per_cluster=montage_per_cluster, progress=progress)
+                        per_cluster=montage_per_cluster, progress=progress, mixture=mixture)
     if totals.bad:
         tmp.rmtree()
         raise UserError(f"embeddings contain non-finite values (NaN/Inf) in {totals.bad} rows; "
@@ -110,7 +115,7 @@ def run_clustering(
         "k": k, "n": totals.n, "inertia": totals.inertia, "sizes": sizes.tolist(),
         "empty_clusters": int((sizes == 0).sum()), "features": features.description,
         "preprocess": preprocess, "pca_dim": pca_dim if preprocess.startswith("pca") else None,
-        "manifold": manifold, "manifold_dim": manifold_dim if manifold != "none" else None,
+        "manifold": manifold, "manifold_dim": manifold_dim if manifold != "none" else None, "method": method,
         "niter": niter, "nredo": nredo, "spherical": spherical, "trained_on": fit["trained_on"],
         "device": f"{gpus} GPU(s)" if gpus else "CPU", "fit_threads": fit["threads"],
         "seconds_fit": round(t_fit, 3), "resumed": resume,

@@ -39,7 +39,7 @@ def plot_sweep(rows: list[dict], criterion: str, suggested: int) -> bytes:
 
 def sweep_k(features: Features, out: str, ks: list[int], criterion: str = "stability", all_k: bool = False,
             preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0, spherical: bool = False,
-            sample: int = 0, seed: int = 0, manifold: str = "none", manifold_dim: int = 10, gpus: int = 0,
+            sample: int = 0, seed: int = 0, manifold: str = "none", manifold_dim: int = 10, method: str = "kmeans", gpus: int = 0,
             keep: tuple[str, ...] = (), **assign_kw) -> dict:
     """Cluster the sample at every k in ks, suggest one, assign every point for it (all_k: for
     each). Returns the sweep summary (what k_sweep.json holds)."""
@@ -54,18 +54,19 @@ def sweep_k(features: Features, out: str, ks: list[int], criterion: str = "stabi
     out = loc(out)
     check_access(out, write=True)
     size = check_request(features.count, ks, sample, gpus, manifold=manifold, manifold_dim=manifold_dim,
-                         preprocess=preprocess)
+                         preprocess=preprocess, method=method, spherical=spherical)
     t0 = time.perf_counter()
-    print(f"faiss k-means: k in {ks} on {size} of {features.count} points, "
+    print(f"{'Gaussian mixture' if method == 'gmm' else 'faiss k-means'}: k in {ks} on {size} of {features.count} points, "
           f"{f'{gpus} GPU(s)' if gpus else 'CPU'}{', after UMAP' if manifold == 'umap' else ''}; {features.description}")
     fits, pre, info = fit_remote(features, ks, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
-                                 manifold, manifold_dim)
+                                 manifold, manifold_dim, method)
     rows = [{"k": k, **fits[k]["criteria"]} for k in ks]
     suggested = best(rows, criterion)["k"]
     summary = {"criterion": criterion, "suggested_k": suggested, "ks": ks, "table": rows,
                "trained_on": info["trained_on"], "seconds_fit": round(time.perf_counter() - t0, 3)}
     kw = dict(preprocess=preprocess, pca_dim=pca_dim, niter=niter, nredo=nredo, spherical=spherical, sample=sample,
-              seed=seed, manifold=manifold, manifold_dim=manifold_dim, gpus=gpus, **assign_kw)
+              seed=seed, manifold=manifold, manifold_dim=manifold_dim, method=method, gpus=gpus,
+              **assign_kw)
     for k in ks if all_k else [suggested]:
         m = run_clustering(features, (out / f"k{k}").uri if all_k else out.uri, k, fitted=fitted(fits, pre, info, k),
                            keep=(*keep, *SWEEP_FILES, *(f"k{v}" for v in ks)), **kw)
