@@ -62,7 +62,7 @@ def plain_rate(D, images: np.ndarray, readout: str, batch: int, chunk: int = 100
 def write_cost(dim: int, rows: int = 10000, repeat: int = 3) -> dict:
     """Seconds (best of `repeat`) for what an actor does with one shard's result besides
     embedding it: float32 -> float16, the Arrow table, the Parquet file written (one thread)."""
-    from distgan.embed import _table
+    from distgan.embed import PARQUET_OPTIONS, _table
     from distgan.storage import loc, write_parquet
 
     emb = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
@@ -73,7 +73,7 @@ def write_cost(dim: int, rows: int = 10000, repeat: int = 3) -> dict:
             t0 = time.perf_counter()
             table = _table(ids, labels, splits, emb.astype(np.float16))
             t1 = time.perf_counter()
-            write_parquet(table, loc(f"{d}/shard.parquet"), use_dictionary=["label", "split"])  # as ShardEmbedder
+            write_parquet(table, loc(f"{d}/shard.parquet"), **PARQUET_OPTIONS)  # as ShardEmbedder
             t2 = time.perf_counter()
             for key, v in (("convert s", t1 - t0), ("write s", t2 - t1), ("total s", t2 - t0)):
                 best[key] = min(best.get(key, v), v)

@@ -31,6 +31,8 @@ def generate(n: int, out: Path, seed: int = 0) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from distgan.embed import PARQUET_OPTIONS
+
     if (out / "embeddings.json").is_file() and json.loads((out / "embeddings.json").read_text()).get("layout") == 2:
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,7 @@ def generate(n: int, out: Path, seed: int = 0) -> Path:
                       "split": pa.array(["train"] * m),
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
         name = f"emb-{i:05d}.parquet"
-        pq.write_table(t, out / name, row_group_size=65536, use_dictionary=["label", "split"])  # as `distgan embed` writes
+        pq.write_table(t, out / name, row_group_size=65536, **PARQUET_OPTIONS)  # as `distgan embed` writes
         shards.append(name)
     (out / "embeddings.json").write_text(json.dumps({
         "count": n, "dim": DIM, "dtype": "float16", "arch": "synthetic", "features": "gaussian-mixture", "step": 0,
