@@ -2,7 +2,8 @@
 
 Input shards -> Ray Data `map_batches` over an actor pool holding D (one GPU per
 actor when GPUs exist): each actor call reads one input shard, decodes and embeds
-it, and writes one output shard (`emb-<input>.parquet`) whole or not at all
+it WRITE_ROWS images at a time (Parquet encodes a chunk while the next is embedded),
+and writes one output shard (`emb-<input>.parquet`) whole or not at all
 (storage.write_parquet), local or in object storage. The driver sees one small row
 per shard. A rerun of the same command skips shards already present, so after a
 crash only the missing output is redone. `embeddings.json` is written last.
@@ -28,6 +29,7 @@ SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 # 3,584-d shard 2.4x slower, and nothing filters on a vector's range (id keeps its statistics:
 # the montage's row-group pushdown uses them).
 PARQUET_OPTIONS = {"use_dictionary": ["label", "split"], "write_statistics": ["id", "label", "split"]}
+WRITE_ROWS = 8192  # images embedded per chunk; Parquet encodes a chunk while the next is embedded
 
 
 class ShardEmbedder:
@@ -62,13 +64,19 @@ class ShardEmbedder:
             slow_down()
             src = loc(str(src))  # resolved on this node, through its own credentials
             t = pq.read_table(src.path, columns=list(COLUMNS), filesystem=src.fs)
-            images = decode_images(t["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
-            emb = embed_images(self.D, images, self.features, self.readout, self.device, self.batch_size, amp=self.amp)
-            table = _table(t["id"].to_numpy(), t["label"].fill_null(-1).to_numpy(),
-                           t["split"].to_numpy(zero_copy_only=False), emb.astype(self.dtype))
-            write_parquet(table, loc(str(dst)), **PARQUET_OPTIONS)  # whole or absent
-            rows.append(table.num_rows)
+            write_parquet(self.chunks(t), loc(str(dst)), **PARQUET_OPTIONS)  # whole or absent
+            rows.append(t.num_rows)
         return {"dst": np.asarray(batch["dst"]), "rows": np.asarray(rows, np.int64)}
+
+    def chunks(self, t):
+        """An input shard's output table, WRITE_ROWS rows at a time (one row group each; an
+        empty shard gives one empty table, so its file still has the schema)."""
+        for i in range(0, max(t.num_rows, 1), WRITE_ROWS):
+            part = t.slice(i, WRITE_ROWS)
+            images = decode_images(part["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
+            emb = embed_images(self.D, images, self.features, self.readout, self.device, self.batch_size, amp=self.amp)
+            yield _table(part["id"].to_numpy(), part["label"].fill_null(-1).to_numpy(),
+                         part["split"].to_numpy(zero_copy_only=False), emb.astype(self.dtype))
 
 
 def embed_images(D, images_u8: np.ndarray, features: str, readout: str = DEFAULT_READOUT, device="cpu",

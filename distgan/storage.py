@@ -297,12 +297,38 @@ def check_access(where: Loc, write: bool = False) -> None:
 
 
 def write_parquet(table, where: Loc, **kw) -> None:
-    """A Parquet file written whole or not at all (serialised in memory, then one atomic write)."""
+    """A Parquet file written whole or not at all (serialised in memory, then one atomic write).
+    `table` is a pyarrow Table, or an iterable of Tables of one schema (one row group or more
+    each): each is encoded on a writer thread while the iterable computes the next (pyarrow
+    releases the GIL while it encodes), so producing and encoding overlap. An iterable that
+    raises leaves nothing written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **kw)
+    if isinstance(table, pa.Table):
+        pq.write_table(table, sink, **kw)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        writer = pending = None
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                for part in table:
+                    if writer is None:
+                        writer = pq.ParquetWriter(sink, part.schema, **kw)
+                    if pending is not None:
+                        pending.result()  # at most one chunk waiting: memory stays two chunks
+                    pending = pool.submit(writer.write_table, part)
+                if pending is not None:
+                    pending.result()
+            finally:  # the writer thread done with its chunk before the writer closes (else: a crash)
+                if pending is not None:
+                    pending.exception()  # waits; an error of its own was raised by result() above
+                if writer is not None:
+                    writer.close()
+        if writer is None:
+            raise ValueError("write_parquet: the iterable gave no table")
     where.write_bytes(sink.getvalue().to_pybytes())
 
 

@@ -242,6 +242,29 @@ def test_embedding_with_two_actors_equals_single_process(embedded, untrained_che
     assert cols["id"].is_stats_set and cols["id"].statistics.has_min_max
 
 
+def test_an_actor_embeds_a_shard_in_chunks_into_one_file(untrained_checkpoint, fake_dir, tmp_path, monkeypatch):
+    """ShardEmbedder (in this process): a shard embedded WRITE_ROWS images at a time, each
+    chunk encoded while the next is embedded, is one file equal to embedding it at once."""
+    from distgan import embed as E
+    from distgan.data import decode_images, shard_paths
+
+    monkeypatch.setattr(E, "WRITE_ROWS", 32)
+    D, state = E.load_embedder(untrained_checkpoint, fake_dir)
+    actor = E.ShardEmbedder(D.state_dict(), state["config"], "multi", "grid4-max", "float32")
+    src = shard_paths(fake_dir)[0]
+    dst = tmp_path / "emb.parquet"
+    out = actor({"src": np.array([src.uri]), "dst": np.array([str(dst)])})
+    t_in = pq.read_table(src.path)
+    n = t_in.num_rows
+    assert n > 2 * 32 and out["rows"].tolist() == [n]
+    pf = pq.ParquetFile(dst)
+    assert pf.metadata.num_row_groups == -(-n // 32)
+    got = np.stack(pf.read()["embedding"].to_numpy(zero_copy_only=False))
+    ref = E.embed_images(D, decode_images(t_in["image"].to_pylist(), 32, 1), "multi", "grid4-max")
+    assert pf.read()["id"].to_pylist() == t_in["id"].to_pylist()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
 def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, fake_dir, capsys):
     from distgan.embed import embed_dataset
 

@@ -41,6 +41,27 @@ def test_a_location_reads_like_a_folder(root):
     assert not root.exists()
 
 
+def test_parquet_from_chunks_is_one_file_of_row_groups_or_nothing(root):
+    """write_parquet of an iterable: one row group per chunk, equal to the concatenation;
+    a producer that fails part-way leaves no file (local or in the bucket)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [pa.table({"id": np.arange(i, i + 3), "v": np.full(3, i * 0.5)}) for i in (0, 3, 6)]
+    storage.write_parquet(iter(parts), root / "ok.parquet", write_statistics=["id"])
+    with (root / "ok.parquet").open_input() as f:
+        pf = pq.ParquetFile(f)
+        assert pf.metadata.num_row_groups == 3 and pf.read().equals(pa.concat_tables(parts))
+
+    def failing():
+        yield parts[0]
+        raise RuntimeError("embedding failed")
+
+    with pytest.raises(RuntimeError, match="embedding failed"):
+        storage.write_parquet(failing(), root / "bad.parquet")
+    assert not (root / "bad.parquet").exists() and [c.name for c in root.iterdir()] == ["ok.parquet"]
+
+
 def test_uris_and_paths_resolve_to_one_kind_of_location(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert loc("rel/x").uri == str(tmp_path / "rel" / "x")  # absolute: Ray workers run elsewhere

@@ -314,9 +314,12 @@ def save_grid(images_u8: np.ndarray, path: str | Path | Loc, nrow: int = 8) -> N
 
 def actor_threads() -> int:
     """Threads for this Ray task or actor: the CPUs Ray assigned to it (at least 1, at most
-    the machine's cores), not the node's core count, which every actor would claim at once."""
+    the machine's cores), not the node's core count, which every actor would claim at once.
+    Outside Ray (an actor class used in-process), the machine's cores; Ray is not started."""
     import ray
 
+    if not ray.is_initialized():
+        return os.cpu_count() or 1
     assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     return max(1, min(assigned, os.cpu_count() or 1))
 
