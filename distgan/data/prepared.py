@@ -315,10 +315,11 @@ def save_grid(images_u8: np.ndarray, path: str | Path | Loc, nrow: int = 8) -> N
 def actor_threads() -> int:
     """Threads for this Ray task or actor: the CPUs Ray assigned to it (at least 1, at most
     the machine's cores), not the node's core count, which every actor would claim at once.
-    Outside Ray (an actor class used in-process), the machine's cores; Ray is not started."""
+    Outside a Ray worker (an actor class used in-process, or in the driver), the machine's
+    cores; Ray is not started."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return os.cpu_count() or 1
     assigned = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))
     return max(1, min(assigned, os.cpu_count() or 1))
