@@ -192,6 +192,7 @@ def gaussian_mixture(z: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> M
     return Mixture(gm.means_.astype(np.float32), gm.precisions_cholesky_.astype(np.float64),
                    np.log(gm.weights_).astype(np.float64))
 
+CLUSTERERS = {"kmeans": "faiss k-means", "gmm": "Gaussian mixture"}  # cluster.method -> what the CLI prints
 
 
 def fit_clusters(z: np.ndarray, k: int, method: str = "kmeans", niter: int = 20, nredo: int = 1, spherical: bool = False,

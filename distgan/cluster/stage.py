@@ -35,7 +35,7 @@ def run_clustering(
     a fit already made (a k sweep's) skips the fit."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
     from .distributed import fitted as fitted_k
-    from .fit import Mixture, Preprocess, restarts
+    from .fit import CLUSTERERS, Mixture, Preprocess, restarts
 
     nredo = restarts(nredo, manifold)
     out = loc(out)
@@ -71,10 +71,10 @@ def run_clustering(
             pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
             mixture = Mixture(centroids, z["gmm_prec_chol"], z["gmm_log_weights"]) if "gmm_log_weights" in z else None
         fit = (out / ".fit.json").read_json()
-        print(f"{method}: reusing the fit in {out} (an interrupted run of this command)")
+        print(f"{CLUSTERERS[method]}: reusing the centroids in {out} (an interrupted run of this command)")
     else:
         if fitted is None:
-            print(f"{'Gaussian mixture' if method == 'gmm' else 'faiss k-means'}: k={k} on {size} of {features.count} points"
+            print(f"{CLUSTERERS[method]}: k={k} on {size} of {features.count} points"
                   f"{'' if sample else ' (the default --sample)'}, {f'{gpus} GPU(s)' if gpus else 'CPU'}"
                   f"{f', after UMAP to {manifold_dim}-d (fitted on {min(size, MANIFOLD_SAMPLE)} points)' if manifold == 'umap' else ''}; "
                   f"{features.description}")

@@ -56,7 +56,9 @@ def sweep_k(features: Features, out: str, ks: list[int], criterion: str = "stabi
     size = check_request(features.count, ks, sample, gpus, manifold=manifold, manifold_dim=manifold_dim,
                          preprocess=preprocess, method=method, spherical=spherical)
     t0 = time.perf_counter()
-    print(f"{'Gaussian mixture' if method == 'gmm' else 'faiss k-means'}: k in {ks} on {size} of {features.count} points, "
+    from .fit import CLUSTERERS
+
+    print(f"{CLUSTERERS[method]}: k in {ks} on {size} of {features.count} points, "
           f"{f'{gpus} GPU(s)' if gpus else 'CPU'}{', after UMAP' if manifold == 'umap' else ''}; {features.description}")
     fits, pre, info = fit_remote(features, ks, preprocess, pca_dim, niter, nredo, spherical, size, seed, gpus,
                                  manifold, manifold_dim, method)
