@@ -32,6 +32,34 @@ def test_faiss_recovers_separated_blobs():
     assert K.cluster_acc(y, c) == 1.0
 
 
+def test_faiss_distance_path_follows_k_in_training_and_search(monkeypatch):
+    """Below 16 centroids training and search run faiss's direct loop (the BLAS threshold out
+    of reach), from 16 up faiss's own setting; either way the setting is put back after."""
+    import faiss
+
+    default = faiss.cvar.distance_compute_blas_threshold
+    seen = []
+    train, index_search = faiss.Kmeans.train, faiss.IndexFlatL2.search
+
+    def spy_train(self, *a, **kw):
+        seen.append(("train", self.k, faiss.cvar.distance_compute_blas_threshold))
+        return train(self, *a, **kw)
+
+    def spy_search(self, x, k, *a, **kw):
+        seen.append(("search", self.ntotal, faiss.cvar.distance_compute_blas_threshold))
+        return index_search(self, x, k, *a, **kw)
+
+    monkeypatch.setattr(faiss.Kmeans, "train", spy_train)
+    monkeypatch.setattr(faiss.IndexFlatL2, "search", spy_search)
+    x, y = _blobs(n_per=40, k=20, d=8)
+    for k in (10, 20):
+        km = K.kmeans(x, k, niter=5)
+        K.assign(km, x)
+        assert faiss.cvar.distance_compute_blas_threshold == default
+    assert seen == [("train", 10, 2**31 - 1), ("search", 10, 2**31 - 1), ("train", 20, default), ("search", 20, default)]
+    assert default != 2**31 - 1  # otherwise the k >= 16 rows would not tell the two paths apart
+
+
 def test_metrics_agree_with_sklearn_and_hand_examples():
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 

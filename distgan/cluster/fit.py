@@ -2,6 +2,7 @@
 Numpy in, numpy out."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,29 @@ def restarts(nredo: int, manifold: str) -> int:
     return nredo or (MANIFOLD_NREDO if manifold != "none" else 1)
 
 
+DIRECT_BELOW_K = 16  # fewer centroids than this: faiss's direct distance loop, not its BLAS path
+FAISS_DIRECT = 2**31 - 1  # a blas threshold no search reaches
+
+
+@contextmanager
+def distance_path(k: int):
+    """faiss's CPU flat search has two paths: one GEMM (BLAS) per block, or a direct SIMD loop
+    over the centroids per point. With few centroids the GEMM is too thin to pay: on 70,000 x
+    256 the direct loop finds the nearest of 10 centroids in 9 ms against BLAS's 15 ms, and
+    from 16 centroids up BLAS wins (100: 48 vs 100 ms; benchmarks/kmeans.py). faiss chooses by
+    a process-wide threshold (distance_compute_blas_threshold), not by k, so k-means training
+    and assignment set it for their k here and put it back."""
+    import faiss
+
+    old = faiss.cvar.distance_compute_blas_threshold
+    if k < DIRECT_BELOW_K:
+        faiss.cvar.distance_compute_blas_threshold = FAISS_DIRECT
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+
+
 def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bool = False, seed: int = 0,
            gpu: bool | None = None, verbose: bool = False, plusplus: bool = False):
     """faiss.Kmeans on every GPU faiss sees (or CPU), trained on all rows of x.
@@ -128,7 +152,8 @@ def kmeans(x: np.ndarray, k: int, niter: int = 20, nredo: int = 1, spherical: bo
 
         km.cp.nredo = 1
         init = np.ascontiguousarray(kmeans_plusplus(x, k, random_state=seed)[0], dtype=np.float32)
-    km.train(x, init_centroids=init)
+    with distance_path(k):
+        km.train(x, init_centroids=init)
     return km
 
 
@@ -247,7 +272,8 @@ def search(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(index, Mixture):
         return index.nearest(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    dist, idx = index.search(x, 1)
+    with distance_path(index.ntotal):
+        dist, idx = index.search(x, 1)
     d = dist[:, 0]
     if index.metric_type == faiss.METRIC_INNER_PRODUCT:
         cos = d / np.maximum(np.linalg.norm(x, axis=1), 1e-12)
