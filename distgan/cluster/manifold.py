@@ -13,14 +13,15 @@ MANIFOLD_SAMPLE = 20_000  # UMAP's fit is superlinear; 20k points gave N2D-level
 NEIGHBOURS = 15  # UMAP's n_neighbors, and the sample points that place a new point
 
 
-def fit_umap(x: np.ndarray, dim: int, seed: int = 0, sample: int = MANIFOLD_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
+def fit_umap(x: np.ndarray, dim: int, seed: int = 0, sample: int = MANIFOLD_SAMPLE,
+             neighbours: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
     """(anchors (S, d), coords (S, dim)): a sample of x and its UMAP embedding. min_dist 0 packs
     clusters tightly (UMAP's advice for clustering)."""
     import umap
 
     rng = np.random.default_rng(seed)
     anchors = np.ascontiguousarray(x[np.sort(rng.choice(len(x), min(sample, len(x)), replace=False))], np.float32)
-    reducer = umap.UMAP(n_components=dim, n_neighbors=NEIGHBOURS, min_dist=0.0, random_state=seed, n_jobs=1)
+    reducer = umap.UMAP(n_components=dim, n_neighbors=neighbours, min_dist=0.0, random_state=seed, n_jobs=1)
     coords = reducer.fit_transform(anchors).astype(np.float32)
     return anchors, coords
 
