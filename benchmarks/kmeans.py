@@ -2,7 +2,9 @@
 100, same iterations and initial centroids, timed in a fresh process that has not
 imported torch (the state distgan's fit task runs in: a new worker process); and
 faiss's nearest-centroid assignment at k = 10, 100 and 1000 as a fraction of the
-float32 GEMM peak measured in the same process. Scale is in benchmarks/scale.py.
+float32 GEMM peak measured in the same process; and faiss's two flat-search paths (BLAS
+blocks, the direct SIMD loop) forced one at a time over k, where distgan's distance_path
+switches. Scale is in benchmarks/scale.py.
 
     python -m benchmarks.kmeans [--quick]
 """
@@ -93,6 +95,34 @@ def sklearn_kmeans(x, k, init):
     return time.perf_counter() - t, float(km.inertia_), int(km.n_iter_)
 
 
+PATH_KS = (8, 10, 12, 14, 16, 20, 32, 100)
+
+
+def distance_paths(x: np.ndarray, reps: int) -> list[dict]:
+    """faiss's two flat-search paths, each forced, for a range of k and two batch sizes: where
+    the direct loop stops beating BLAS is where distance_path switches (DIRECT_BELOW_K)."""
+    import faiss
+
+    from distgan.cluster import centroid_index
+    from distgan.cluster.fit import FAISS_DIRECT
+
+    rows, old = [], faiss.cvar.distance_compute_blas_threshold
+    try:
+        for n in (8192, len(x)):
+            for k in PATH_KS:
+                index = centroid_index(x[np.random.default_rng(2).choice(len(x), k, replace=False)], spherical=False)
+                ms = {}
+                for name, threshold in (("direct", FAISS_DIRECT), ("BLAS", 0)):
+                    faiss.cvar.distance_compute_blas_threshold = threshold
+                    index.search(x[:1024], 1)  # warm-up
+                    ms[name] = 1e3 * min(timed(index.search, x[:n], 1)[1] for _ in range(max(reps, 5)))
+                rows.append({"rows": n, "k": k, "direct ms": ms["direct"], "BLAS ms": ms["BLAS"],
+                             "BLAS / direct time": ms["BLAS"] / ms["direct"]})
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+    return rows
+
+
 def fresh_process_timings(path: str, reps: int) -> dict:
     """Runs in a spawned child (no torch imported): k-means timings (best and spread over
     `reps`), assignment throughput and the GEMM peak, all in one process state."""
@@ -100,7 +130,7 @@ def fresh_process_timings(path: str, reps: int) -> dict:
 
     x = np.load(path)
     peak = matmul_peak_gflops()
-    out = {"peak": peak, "kmeans": [], "assign": []}
+    out = {"peak": peak, "kmeans": [], "assign": [], "paths": distance_paths(x, reps)}
     for k in (10, 100):
         init = x[np.random.default_rng(0).choice(len(x), k, replace=False)]
         f, t, s, g = [], [], [], []
@@ -164,6 +194,11 @@ def main(argv=None):
                   "centroids, beside faiss's own setting; one process, faiss's OpenMP threads = the cores; best of "
                   f"{reps}. GEMM peak as above. At k = 10 the distance GEMM is too thin to be compute-bound: "
                   "distgan takes faiss's direct loop there.", quick=args.quick)
+    write_results("kmeans_paths", r["paths"], list(r["paths"][0]), "python -m benchmarks.kmeans",
+                  "faiss IndexFlatL2 search (k=1) of the first ROWS points against k centroids with each of faiss's "
+                  "two paths forced (distance_compute_blas_threshold out of reach = the direct SIMD loop; 0 = BLAS "
+                  f"blocks), best of {max(reps, 5)}, one process. distgan takes the direct loop below "
+                  "DIRECT_BELOW_K = 16 centroids (distance_path).", quick=args.quick)
     return rows
 
 
