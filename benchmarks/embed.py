@@ -59,25 +59,43 @@ def plain_rate(D, images: np.ndarray, readout: str, batch: int, chunk: int = 100
     return len(images) / (time.perf_counter() - t)
 
 
-def write_cost(dim: int, rows: int = 10000, repeat: int = 3) -> dict:
+def _binary_table(ids, labels, splits, emb: np.ndarray):
+    """The layout distgan does not use, for comparison: each vector as one fixed-size binary
+    value (Parquet writes it without per-element repetition/definition levels, but pandas and
+    Ray Data then read bytes, not arrays)."""
+    import pyarrow as pa
+
+    from distgan.embed import _table
+
+    t = _table(ids, labels, splits, emb[:, :1])
+    n, e = emb.shape
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(e * emb.itemsize), n, [None, pa.py_buffer(emb.tobytes())])
+    return t.set_column(t.schema.get_field_index("embedding"), "embedding", col)
+
+
+LAYOUTS = {"fixed_size_list<float16> (distgan)": None, "fixed_size_binary (comparison)": _binary_table}
+
+
+def write_cost(dim: int, rows: int = 10000, repeat: int = 3, layout: str = "fixed_size_list<float16> (distgan)") -> dict:
     """Seconds (best of `repeat`) for what an actor does with one shard's result besides
     embedding it: float32 -> float16, the Arrow table, the Parquet file written (one thread)."""
     from distgan.embed import PARQUET_OPTIONS, _table
     from distgan.storage import loc, write_parquet
 
+    make = LAYOUTS[layout] or _table
     emb = np.random.default_rng(0).normal(size=(rows, dim)).astype(np.float32)
     ids, labels, splits = np.arange(rows), np.zeros(rows, np.int64), np.array(["train"] * rows, object)
     best = {}
     with tempfile.TemporaryDirectory() as d:
         for _ in range(repeat):
             t0 = time.perf_counter()
-            table = _table(ids, labels, splits, emb.astype(np.float16))
+            table = make(ids, labels, splits, emb.astype(np.float16))
             t1 = time.perf_counter()
             write_parquet(table, loc(f"{d}/shard.parquet"), **PARQUET_OPTIONS)  # as ShardEmbedder
             t2 = time.perf_counter()
             for key, v in (("convert s", t1 - t0), ("write s", t2 - t1), ("total s", t2 - t0)):
                 best[key] = min(best.get(key, v), v)
-    return {"dim": dim, "rows": rows, **best, "rows/s": rows / best["total s"]}
+    return {"layout": layout, "dim": dim, "rows": rows, **best, "rows/s": rows / best["total s"]}
 
 
 def main(argv=None):
@@ -87,10 +105,12 @@ def main(argv=None):
                    help="only the cost of writing one shard's embeddings at the default read-out's widths")
     args = p.parse_args(argv)
     if args.write_only:
-        rows = [write_cost(dim) for dim in (224, 3584, 7168)]  # gap width 32; grid4-max width 32 and 64
+        # gap width 32; grid4-max width 32 and 64
+        rows = [write_cost(dim, layout=layout) for layout in LAYOUTS for dim in (224, 3584, 7168)]
         write_results("embed_write", rows, list(rows[0]), "python -m benchmarks.embed --write-only",
                       "One shard of 10,000 embeddings: float32 -> float16 and the Arrow table (convert), the "
-                      "Parquet file serialised and written (write); best of 3, one thread.")
+                      "Parquet file serialised and written (write); best of 3, one thread. fixed_size_binary: the same "
+                      "vectors as one binary value each, which distgan does not write (readers would get bytes).")
         return rows
     tmp = Path(tempfile.mkdtemp(prefix="distgan-embed-"))
     if (DATASETS / "MNIST" / "raw").is_dir() and not args.quick:
