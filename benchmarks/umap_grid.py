@@ -39,15 +39,12 @@ def parse_grid(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def score(x: np.ndarray, y: np.ndarray, sample: int, neighbours: int, pca_dim: int, dim: int, seed: int) -> dict:
-    """What fit_sample does with cluster.manifold umap, with the four settings given."""
-    from distgan.cluster import clustering_metrics, fit_preprocess, kmeans, search
-    from distgan.cluster.fit import MANIFOLD_NREDO
-    from distgan.cluster.manifold import fit_umap
+    """What `distgan cluster`'s fit does with --manifold umap (fit_sample: PCA, UMAP, k-means
+    with the manifold's 50 restarts), with the four settings given, scored on every point."""
+    from distgan.cluster import clustering_metrics, fit_sample, search
 
-    pre = fit_preprocess(x, "pca", pca_dim, seed=seed)
-    pre.anchors, pre.coords = fit_umap(pre(x), dim, seed, sample=sample, neighbours=neighbours)
-    z = pre(x)  # (N, dim): every point placed by its nearest fitted points
-    km = kmeans(z, 10, niter=50, nredo=MANIFOLD_NREDO, seed=seed)
+    _, km, z = fit_sample(x, 10, "pca", pca_dim, niter=50, seed=seed, manifold="umap", manifold_dim=dim,
+                          umap_options={"sample": sample, "neighbours": neighbours})
     return clustering_metrics(y, search(km.index, z)[0])
 
 

@@ -111,8 +111,8 @@ FAISS_DIRECT = 2**31 - 1  # a blas threshold no search reaches
 def distance_path(k: int):
     """faiss's CPU flat search has two paths: one GEMM (BLAS) per block, or a direct SIMD loop
     over the centroids per point. With few centroids the GEMM is too thin to pay: on 70,000 x
-    256 the direct loop finds the nearest of 10 centroids in 9 ms against BLAS's 15 ms, and
-    from 16 centroids up BLAS wins (100: 48 vs 100 ms; benchmarks/kmeans.py). faiss chooses by
+    256 the direct loop finds the nearest of 10 centroids in 9 ms against BLAS's 14 ms, and
+    from 16 centroids up BLAS wins (100: 33 vs 92 ms; benchmarks/kmeans.py, kmeans_paths). faiss chooses by
     a process-wide threshold (distance_compute_blas_threshold), not by k, so k-means training
     and assignment set it for their k here and put it back."""
     import faiss
@@ -231,16 +231,18 @@ def fit_clusters(z: np.ndarray, k: int, method: str = "kmeans", niter: int = 20,
 
 def fit_sample(x: np.ndarray, k: int, preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0,
                spherical: bool = False, seed: int = 0, gpu: int | bool = False, manifold: str = "none",
-               manifold_dim: int = 10, method: str = "kmeans") -> tuple[Preprocess, object, np.ndarray]:
+               manifold_dim: int = 10, method: str = "kmeans",
+               umap_options: dict | None = None) -> tuple[Preprocess, object, np.ndarray]:
     """What a clustering fit does with its sample x (N, E): preprocessing (-> UMAP on at most
     MANIFOLD_SAMPLE of its points), then faiss k-means on all of them (or a Gaussian mixture).
     Returns (pre, model, z): `pre` maps any (B, E) embeddings to the space the centroids live
-    in, z = pre(x) (N, d); model is fit_clusters'."""
+    in, z = pre(x) (N, d); model is fit_clusters'. umap_options: fit_umap's sample / neighbours
+    (benchmarks/umap_grid.py varies them; distgan itself uses the defaults)."""
     pre = fit_preprocess(x, preprocess, pca_dim, seed=seed)
     if manifold == "umap":
         from .manifold import fit_umap
 
-        pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed)
+        pre.anchors, pre.coords = fit_umap(pre(x), manifold_dim, seed, **(umap_options or {}))
     z = pre(x)
     return pre, fit_clusters(z, k, method, niter, restarts(nredo, manifold), spherical, seed, gpu), z
 
