@@ -65,6 +65,15 @@ def test_fake_is_deterministic():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_fake_chunks_do_not_depend_on_the_count():
+    """The fake source is generated a chunk at a time (10M images never sit in memory): an image
+    is the same whether 30 or FAKE_CHUNK + 30 were asked for, and the next chunk differs."""
+    small, _ = D.make_fake(30, 32, seed=4)
+    big, labels = D.make_fake(D.FAKE_CHUNK + 30, 32, seed=4)
+    assert np.array_equal(small, big[:30]) and labels[D.FAKE_CHUNK] == 0
+    assert not np.array_equal(big[:30], big[D.FAKE_CHUNK:])
+
+
 def test_shards_and_split(tmp_path):
     out = tmp_path / "f"
     m = D.prepare("fake", out, fake_count=250, shard_rows=100, split="test", progress=False)

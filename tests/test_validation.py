@@ -140,6 +140,8 @@ def test_cluster_with_checkpoint_checks_k_before_embedding(no_ray, capsys, fake_
     (["--k", "1"], "--k values must be >= 2, got 1"),
     (["--steps", "0"], "train.steps must be"),
     (["--workers", "0"], "train.num_workers must be"),
+    (["--count", "0"], "--count must be >= 1, got 0"),
+    (["--dataset", "digits", "--count", "100"], "--count is for --dataset fake"),
 ])
 def test_pipeline_flags(no_ray, capsys, tmp_path, flags, expect):
     out = tmp_path / "p"

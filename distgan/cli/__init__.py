@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--steps", type=int)
     s.add_argument("--workers", type=int)
+    s.add_argument("--count", type=int, help="images for --dataset fake (default 1000; generated a chunk at a time)")
     s.add_argument("--k", help="clusters (default: number of classes); several (5,10,20 or 4:40:4): the embeddings "
                                 "are clustered at each, the suggested k is kept and the pixels get it too")
     s.add_argument("--select-k", default="stability", metavar="CRITERION",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import config as C
 from ..config import UserError
 from ..storage import check_access, loc
-from .common import SMOKE, print_info
+from .common import SMOKE, at_least, print_info
 
 
 # Demo-sized defaults per source: what differs from the Python defaults, like a YAML diff.
@@ -28,6 +28,9 @@ def cmd_pipeline(args) -> None:
     from ..cluster.criteria import check_criterion
 
     ks = C.parse_ks(args.k) if args.k else None
+    at_least("--count", args.count)
+    if args.count is not None and args.dataset != "fake":
+        raise UserError(f"--count is for --dataset fake (the generated images), not '{args.dataset}'")
     check_criterion(args.select_k)
     out = loc(args.out)
     check_access(out, write=True)
@@ -48,7 +51,8 @@ def cmd_pipeline(args) -> None:
     data = out / "data"
     if not (data / "dataset.json").is_file():
         print(f"[1/6] prepare {args.dataset}")
-        prepare(args.dataset, data, data_root=args.data_root, fake_count=600 if args.smoke_test else 1000)
+        prepare(args.dataset, data, data_root=args.data_root,
+                fake_count=args.count or (600 if args.smoke_test else 1000))
     else:
         print(f"[1/6] prepare: reusing {data}")
     print_info(data)

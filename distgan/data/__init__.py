@@ -6,4 +6,4 @@ from .prepared import (  # noqa: F401
     QUIET, skip_progress_notice,
     read_arrays, read_manifest, sample_rows, save_grid, shard_paths, to_device, to_float, to_uint8,
 )
-from .sources import SOURCES, center_crop_resize, check_resolution, fit_resolution, get_source, make_fake  # noqa: F401
+from .sources import FAKE_CHUNK, SOURCES, center_crop_resize, check_resolution, fit_resolution, get_source, make_fake  # noqa: F401

@@ -46,8 +46,8 @@ def _holdout_split(ids: np.ndarray) -> np.ndarray:
     return np.where(h < np.uint64(int(0.2 * 2**32)), "test", "train")
 
 
-def _split_chunks(images, labels, wanted) -> Iterator[Chunk]:
-    ids = np.arange(len(images), dtype=np.int64)
+def _split_chunks(images, labels, wanted, ids: np.ndarray | None = None) -> Iterator[Chunk]:
+    ids = np.arange(len(images), dtype=np.int64) if ids is None else ids
     splits = _holdout_split(ids)
     for s in ("train", "test"):
         sel = splits == s
@@ -246,40 +246,67 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
     return img
 
 
-def _fake_image(rng: np.random.Generator, cls: int, res: int) -> np.ndarray:
-    # One of 10 shapes, random position, size and brightness: learnable, clusterable.
-    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / res
-    cy, cx = rng.uniform(0.35, 0.65, 2)
-    r = rng.uniform(0.18, 0.3)
-    dy, dx = yy - cy, xx - cx
-    shapes = [
-        np.hypot(dy, dx) < r,  # disc
-        (np.abs(dy) < r) & (np.abs(dx) < r),  # square
-        np.abs(np.hypot(dy, dx) - r) < 0.06,  # ring
-        np.abs(dy) < 0.07,  # horizontal bar
-        np.abs(dx) < 0.07,  # vertical bar
-        np.abs(dy - dx) < 0.07,  # diagonal
-        np.abs(dy + dx) < 0.07,  # anti-diagonal
-        (np.abs(dy) < 0.07) | (np.abs(dx) < 0.07),  # cross
-        (dy > 0) & (np.abs(dx) < dy),  # triangle
-        (np.sin(xx * 25) > 0) & (np.hypot(dy, dx) < r * 1.3),  # stripes
-    ]
-    img = shapes[cls].astype(np.float32) * rng.uniform(0.6, 1.0) + rng.normal(0, 0.05, (res, res))
+FAKE_CHUNK = 20_000  # images generated at once: (20k, 32, 32) float32 planes are 80 MB each
+
+
+def _fake_images(seed: list[int], labels: np.ndarray, res: int) -> np.ndarray:
+    """labels (N,) 0..9 -> (N, res, res, 1) uint8: one of 10 shapes per image, random position,
+    size and brightness, plus pixel noise: learnable, clusterable. Vectorised over the chunk;
+    shape parameters and noise come from two generators, row by row, so image i does not
+    depend on N."""
+    n = len(labels)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / res  # (res, res)
+    u = np.random.default_rng([*seed, 0]).random((n, 4), dtype=np.float32)  # (N, 4): cy, cx, r, brightness
+    cy, cx, r, bright = (lo + (hi - lo) * u[:, j, None, None]  # (N, 1, 1) each
+                         for j, (lo, hi) in enumerate(((0.35, 0.65), (0.35, 0.65), (0.18, 0.3), (0.6, 1.0))))
+    noise = np.random.default_rng([*seed, 1]).standard_normal((n, res, res), dtype=np.float32) * 0.05
+    img = np.empty((n, res, res), np.float32)
+    for c, shape in enumerate(FAKE_SHAPES):
+        sel = labels == c
+        if sel.any():
+            dy, dx = yy - cy[sel], xx - cx[sel]  # (n_c, res, res)
+            img[sel] = shape(dy, dx, r[sel], xx)
+    img = img * bright + noise
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)[..., None]
 
 
+FAKE_SHAPES = [  # (dy, dx, r, xx) -> bool mask; dy, dx (n, res, res), r (n, 1, 1)
+    lambda dy, dx, r, xx: np.hypot(dy, dx) < r,  # disc
+    lambda dy, dx, r, xx: (np.abs(dy) < r) & (np.abs(dx) < r),  # square
+    lambda dy, dx, r, xx: np.abs(np.hypot(dy, dx) - r) < 0.06,  # ring
+    lambda dy, dx, r, xx: np.abs(dy) < 0.07,  # horizontal bar
+    lambda dy, dx, r, xx: np.abs(dx) < 0.07,  # vertical bar
+    lambda dy, dx, r, xx: np.abs(dy - dx) < 0.07,  # diagonal
+    lambda dy, dx, r, xx: np.abs(dy + dx) < 0.07,  # anti-diagonal
+    lambda dy, dx, r, xx: (np.abs(dy) < 0.07) | (np.abs(dx) < 0.07),  # cross
+    lambda dy, dx, r, xx: (dy > 0) & (np.abs(dx) < dy),  # triangle
+    lambda dy, dx, r, xx: (np.sin(xx * 25) > 0) & (np.hypot(dy, dx) < r * 1.3),  # stripes
+]
+
+
+def fake_chunks(count: int, resolution: int = 32, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, images (n, res, res, 1) uint8, labels (n,) int32) in chunks of FAKE_CHUNK, so ten
+    million images never sit in memory at once; each chunk has its own generator (seed, chunk),
+    so a chunk is the same whatever the count."""
+    for start in range(0, count, FAKE_CHUNK):
+        ids = np.arange(start, min(count, start + FAKE_CHUNK), dtype=np.int64)
+        labels = (ids % 10).astype(np.int32)
+        yield ids, _fake_images([seed, start // FAKE_CHUNK], labels, resolution), labels
+
+
 def make_fake(count: int, resolution: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic procedural images (count, res, res, 1) and labels 0..9."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(count, dtype=np.int32) % 10
-    images = np.stack([_fake_image(rng, int(c), resolution) for c in labels])
-    return images, labels
+    """Deterministic procedural images (count, res, res, 1) and labels 0..9, in memory."""
+    parts = list(fake_chunks(count, resolution, seed))
+    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
 def source_fake(count: int = 1000, seed: int = 0):
     def source(root: Path | None, split: str, download: bool, resolution: int = 32) -> Source:
-        images, labels = make_fake(count, resolution, seed)
-        return Source(_split_chunks(images, labels, split), [f"shape{i}" for i in range(10)], [])
+        def chunks() -> Iterator[Chunk]:
+            for ids, images, labels in fake_chunks(count, resolution, seed):
+                yield from _split_chunks(images, labels, split, ids)
+
+        return Source(chunks(), [f"shape{i}" for i in range(10)], [])
 
     return source
 
