@@ -345,6 +345,34 @@ def test_probe_runs_on_a_bounded_sample_and_says_so(embedded, ray_running, fake_
     assert "On a uniform sample: 100 of 320 train and 30 of 80 test images" in probe_table(rows)
 
 
+class _Batches:
+    """Features stand-in: 5 batches of 40 rows, x = the row's id, splits alternating."""
+    dim = 1
+
+    def batches(self):
+        for b in range(5):
+            ids = np.arange(40 * b, 40 * (b + 1))
+            yield ids, ids % 3 - (ids % 7 == 0), np.where(ids % 2 == 0, "train", "test"), ids[:, None].astype(np.float32)
+
+
+def test_probe_sample_is_the_rows_with_the_smallest_keys():
+    """The streamed sample (cut back only when its buffer passes twice the cap) keeps exactly the
+    rows a one-shot selection over the same random keys keeps."""
+    from distgan.cluster.probe import sample_splits
+
+    xtr, ytr, xte, yte, seen = sample_splits(_Batches(), max_train=7, max_test=30, seed=3)
+    rng = np.random.default_rng(3)
+    keys = np.concatenate([rng.random(40) for _ in range(5)])  # the keys the sampler drew, batch by batch
+    ids = np.arange(200)
+    labelled = ids % 3 - (ids % 7 == 0) >= 0
+    for x, y, split, cap in ((xtr, ytr, 0, 7), (xte, yte, 1, 30)):
+        pool = ids[labelled & (ids % 2 == split)]
+        expect = pool[np.argsort(keys[pool])[:cap]]
+        got = x[:, 0].astype(int)
+        assert sorted(got) == sorted(expect) and (y == got % 3 - (got % 7 == 0)).all()
+    assert seen == {"train": int((labelled & (ids % 2 == 0)).sum()), "test": int((labelled & (ids % 2 == 1)).sum())}
+
+
 def test_ids_that_do_not_match_the_dataset(embedded, tmp_path, capsys):
     from distgan.data import prepare
 
