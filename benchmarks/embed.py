@@ -3,7 +3,10 @@ PyTorch inference loop in one process, same D, same images, same total threads,
 at two dataset sizes (so the fixed start-up cost and the per-image rate can be told
 apart) and three batch sizes.
 
-    python -m benchmarks.embed [--quick]
+    python -m benchmarks.embed [--quick] [--readout gap]
+
+`--readout` other than the default writes its own table (embed_gap, ...): the vectors' width
+is most of what the write costs (embed --write-only), so this shows the ratio without it.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from distgan import config as C
+from distgan.config import parse_readout
 from distgan.data import decode_images, init_ray, prepare, read_arrays
 from distgan.embed import embed_dataset, embed_images, load_embedder
 from distgan.models import DEFAULT_READOUT
@@ -103,7 +107,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--write-only", action="store_true",
                    help="only the cost of writing one shard's embeddings at the default read-out's widths")
+    p.add_argument("--readout", default=DEFAULT_READOUT, help=f"read-out to embed with (default {DEFAULT_READOUT})")
     args = p.parse_args(argv)
+    parse_readout(args.readout)
     if args.write_only:
         # gap width 32; grid4-max width 32 and 64
         rows = [write_cost(dim, layout=layout) for layout in LAYOUTS for dim in (224, 3584, 7168)]
@@ -120,7 +126,7 @@ def main(argv=None):
         prepare("fake", tmp / "data", fake_count=2000 if args.quick else 70000, progress=False)
         what = "generated images"
     big = replicate(tmp / "data", tmp / "data4", REPEAT)
-    readout = DEFAULT_READOUT
+    readout = args.readout
     torch.set_num_threads(2)
     init_ray()
     rows = []
@@ -156,13 +162,16 @@ def main(argv=None):
             r["1 actor steady / plain"] = 1 / per_image / r["plain img/s"]
     cols = ["D width", "images", "batch", "plain img/s", "1 actor(s) s", "1 actor(s) / plain", "2 actor(s) s",
             "2 actor(s) / plain", "1 actor fixed s", "1 actor steady / plain"]
-    notes = (f"Data: {what} at 32x32; DCGAN D, multi-layer features through the default read-out ({readout}), "
+    notes = (f"Data: {what} at 32x32; DCGAN D, multi-layer features through the "
+             f"{'default ' if readout == DEFAULT_READOUT else ''}read-out {readout}, "
              "written as float16. The plain loop holds the decoded images in memory and embeds them in one process "
              "with 2 threads (results dropped per 10,000 images). The Ray Data times are end to end: loading the "
              "checkpoint and re-estimating BatchNorm on the driver, actor start-up, each actor reading, decoding, "
              "embedding and writing its shards. 'fixed s' and 'steady / plain' split the 1-actor time at batch 256 "
              "into a constant and a per-image rate from the two dataset sizes (time = fixed + n / rate).")
-    write_results("embed", rows, cols, "python -m benchmarks.embed", notes, quick=args.quick)
+    default = readout == DEFAULT_READOUT
+    write_results("embed" if default else f"embed_{readout.replace('-', '_')}", rows, cols,
+                  "python -m benchmarks.embed" + ("" if default else f" --readout {readout}"), notes, quick=args.quick)
     shutil.rmtree(tmp)
     return rows
 
