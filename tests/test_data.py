@@ -74,6 +74,26 @@ def test_fake_chunks_do_not_depend_on_the_count():
     assert not np.array_equal(big[:30], big[D.FAKE_CHUNK:])
 
 
+def test_a_small_sample_reads_few_shards_and_small_shards_still_fill_it(tmp_path):
+    """sample_rows reads n / SAMPLE_PER_SHARD shards when there are more (a 2,048-image
+    calibration sample of 1,000 shards read all of them), and keeps reading while the shards
+    it picked are too small to fill n."""
+    def shard_of(out):
+        return {int(i): k for k, f in enumerate(sorted(out.glob("*.parquet"))) for i in pq.read_table(f)["id"].to_pylist()}
+
+    big = tmp_path / "big"
+    D.prepare("fake", big, fake_count=400, shard_rows=100, progress=False)  # 4 shards of 100
+    images, labels = D.sample_rows(big, 2 * D.SAMPLE_PER_SHARD)
+    ref, ref_labels = D.make_fake(400, 32)
+    rows = [int(np.flatnonzero((ref == im).all(axis=(1, 2, 3)))[0]) for im in images]
+    assert len(rows) == len(set(rows)) == 64 and (ref_labels[rows] == labels).all()
+    assert len({shard_of(big)[r] for r in rows}) == 2  # 64 rows: two shards read, 32 from each
+    small = tmp_path / "small"
+    D.prepare("fake", small, fake_count=400, shard_rows=10, progress=False)  # 40 shards of 10
+    images, _ = D.sample_rows(small, 64)
+    assert len(images) == 64  # two shards' quota, filled from seven
+
+
 def test_shards_and_split(tmp_path):
     out = tmp_path / "f"
     m = D.prepare("fake", out, fake_count=250, shard_rows=100, split="test", progress=False)
