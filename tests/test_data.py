@@ -94,6 +94,20 @@ def test_a_small_sample_reads_few_shards_and_small_shards_still_fill_it(tmp_path
     assert len(images) == 64  # two shards' quota, filled from seven
 
 
+@pytest.mark.parametrize("channels,n", [(1, 11), (3, 4)])
+def test_save_grid_lays_out_like_torchvision(tmp_path, channels, n):
+    """The montage grid is written without torch; its pixels are torchvision's make_grid's."""
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    imgs = np.random.default_rng(0).integers(0, 256, (n, 6, 5, channels), dtype=np.uint8)
+    D.save_grid(imgs, tmp_path / "g.png", nrow=4)
+    got = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+    ref = make_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2), nrow=4, padding=2, pad_value=255)
+    assert np.array_equal(got, ref.permute(1, 2, 0).numpy())
+
+
 def test_shards_and_split(tmp_path):
     out = tmp_path / "f"
     m = D.prepare("fake", out, fake_count=250, shard_rows=100, split="test", progress=False)

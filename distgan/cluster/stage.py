@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from ..config import UserError
-from ..data import decode_images, read_manifest, save_grid, shard_paths
+from ..data import decode_images, read_images_by_id, read_manifest, save_grid
 from ..storage import Loc, check_access, loc
 from .features import Features
 from .manifold import MANIFOLD_SAMPLE
@@ -151,17 +151,11 @@ def _load_npy(f: Loc) -> np.ndarray:
 
 def montage(data, chosen: np.ndarray, path: Loc) -> None:
     """One row per cluster of `chosen` (k, per_cluster) ids, nearest the centroid first (-1:
-    blank). Reads only those rows: a filter on id that pyarrow pushes down to the row groups."""
-    import pyarrow as pa
-    import pyarrow.dataset as pds
-
+    blank). Reads only the row groups holding those rows (`read_images_by_id`)."""
     m = read_manifest(data)
     per_cluster = chosen.shape[1]
     wanted = chosen[chosen >= 0]
-    shards = shard_paths(data)
-    t = pds.dataset([f.path for f in shards], format="parquet", filesystem=shards[0].fs).to_table(
-        columns=["id", "image"], filter=pds.field("id").isin(pa.array(wanted, pa.int64())))
-    found: dict[int, bytes] = dict(zip(t["id"].to_pylist(), t["image"].to_pylist()))
+    found = read_images_by_id(data, wanted)
     missing = [int(i) for i in wanted if int(i) not in found]
     if missing:
         raise UserError(f"embeddings and dataset {data} do not match: {len(missing)} ids (e.g. {missing[:3]}) "
