@@ -16,10 +16,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/distgan pipeline --dataset digits --out demo --overwrite
 
-# Two pytest processes at once: the tests that start their own Ray clusters run beside the rest
-# (tests/suite.py says why); their report follows the main one.
 test: $(STAMP) browser
-	$(VENV)/bin/python tests/suite.py
+	$(VENV)/bin/python -m pytest -q --durations=15 tests
 
 # The report test renders report.html in headless Chromium (Debian's package).
 # Installed when missing and we are root with apt; otherwise that test skips, saying why.
