@@ -50,9 +50,13 @@ def sample_dataset(features: Features, sample: int, seed: int):
 
 
 def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarray:
-    """(sample, dim) float32 from the materialized sample; non-finite rows refused."""
-    parts = [block_x(b, kind, dim) for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")]
-    x = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    """(sample, dim) float32 from the materialized sample, in id order; non-finite rows refused.
+    Ray Data returns the sample's blocks in the order its tasks finish, so the rows are put in
+    id order before the seeded trim: the same seed gives the same sample, run after run."""
+    blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    x = np.concatenate([block_x(b, kind, dim) for b in blocks]) if blocks else np.zeros((0, dim), np.float32)
+    if blocks:
+        x = x[np.argsort(np.concatenate([b.column("id").to_numpy() for b in blocks]), kind="stable")]
     if len(x) > sample:
         x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
     finite = np.isfinite(x)
