@@ -199,6 +199,18 @@ def test_kmeans_sample_does_not_depend_on_the_order_blocks_arrive_in(ray_running
     assert np.all(np.diff(a[:, 0]) > 0)  # in id order
 
 
+def test_kmeans_sample_keeps_rows_by_id_whatever_the_blocks():
+    from distgan.cluster.distributed import _keep_by_id_hash
+
+    t = pa.table({"id": pa.array(np.arange(100_000), pa.int64())})
+    whole = _keep_by_id_hash(t, 0.1, seed=3)["id"].to_numpy()
+    parts = np.concatenate([_keep_by_id_hash(t.slice(lo, 30_000), 0.1, seed=3)["id"].to_numpy()
+                            for lo in range(0, 100_000, 30_000)])
+    assert np.array_equal(whole, parts) and 9_500 < len(whole) < 10_500  # binomial sd ~95
+    other = _keep_by_id_hash(t, 0.1, seed=4)["id"].to_numpy()
+    assert len(np.intersect1d(whole, other)) < 1_500  # another seed, another sample (~1,000 shared by chance)
+
+
 def test_k_sample_and_gpus_out_of_range_and_nan(ray_running, tmp_path):
     x, y = _blobs(n_per=3, k=2)
     with pytest.raises(UserError, match="between 2 and the k-means sample"):

@@ -41,12 +41,28 @@ def set_faiss_threads() -> int:
 
 def sample_dataset(features: Features, sample: int, seed: int):
     """The k-means sample as a materialized Ray Data dataset: Ray Data's read tasks draw it
-    in parallel across the cluster (`random_sample`, 10% and 20 rows over the size asked,
+    in parallel across the cluster (rows kept by a hash of their id, 10% and 20 rows over the size asked,
     trimmed in the fit task), so neither the driver nor one task reads every point."""
     ds = features.dataset()
     if sample < features.count:
-        ds = ds.random_sample(min(1.0, (1.1 * sample + 20) / features.count), seed=seed)
+        ds = ds.map_batches(_keep_by_id_hash, fn_kwargs={"fraction": min(1.0, (1.1 * sample + 20) / features.count),
+                                                         "seed": seed}, batch_size=None, batch_format="pyarrow")
     return ds.materialize()
+
+
+def _keep_by_id_hash(table, fraction: float, seed: int):
+    """The rows whose (id, seed) hash falls below `fraction`: a sample that depends on the ids
+    alone, not on which task read them (Ray Data's seeded random_sample keys its generator by
+    task index; with it, same-seed runs on 10M points still clustered differently after the
+    blocks were put in id order)."""
+    if fraction >= 1.0:
+        return table
+    with np.errstate(over="ignore"):  # splitmix64: uint64 arithmetic wraps by design
+        z = table.column("id").to_numpy().astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return table.filter(z < np.uint64(fraction * 2.0**64))
 
 
 def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarray:
