@@ -268,8 +268,7 @@ def read_images_by_id(path, ids: np.ndarray) -> dict[int, bytes]:
         with f.fs.open_input_file(f.path) as fh:
             pf = pq.ParquetFile(fh)
             meta = pf.metadata
-            col = next(j for j in range(meta.num_columns) if meta.row_group(0).column(j).path_in_schema == "id") \
-                if meta.num_row_groups else 0
+            col = pf.schema_arrow.get_field_index("id")  # the contract's columns are flat: field index = leaf index
             for g in range(meta.num_row_groups):
                 st = meta.row_group(g).column(col).statistics
                 if st is not None and st.has_min_max:
