@@ -11,10 +11,18 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("DISTGAN_DATASETS", REPO.parent / "shared" / "datasets"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers inherit it; torch threads are set per worker
+# Every Ray the tests start (shared, multi-node, job and autoscaling heads) inherits these.
+# Ray Train's controller polls its workers every 2 s, so each run ends up to 2 s after its
+# last step; the tests' runs are seconds long. The preemption watcher (one more actor
+# process per run) watches for node drains, which no test makes.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-from distgan.data import local_ray_on_loopback  # noqa: E402
+from distgan.data import RAY_DEFAULTS, local_ray_on_loopback, start_local_ray  # noqa: E402
 
-local_ray_on_loopback()  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
+local_ray_on_loopback()
+for _k, _v in RAY_DEFAULTS.items():  # what `distgan` gives every Ray it starts
+    os.environ.setdefault(_k, _v)  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
 
 # The S3 server's address and keys go into the environment now, before any Ray starts, so
 # every Ray worker the tests start reaches the bucket the way a cluster node reaches S3
@@ -58,12 +66,12 @@ def ray_local():
     """One Ray instance shared by the tests that need it (start-up costs seconds).
     6 logical CPUs on a 2-core machine: two training workers, Ray Data tasks, and two
     Tune trials at once fit (the tests are latency-bound, not compute-bound).
-    address="local": always a fresh instance, never one a stale /tmp/ray cluster file names."""
+    start_local_ray: always a fresh instance, its address handed to its workers."""
     import ray
 
     if not ray.is_initialized():
         ray.data.DataContext.get_current().enable_progress_bars = False
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+        start_local_ray(6, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -74,7 +82,7 @@ def ray_running(ray_local):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
+        start_local_ray(6, include_dashboard=False, log_to_driver=False)
     return ray
 
 

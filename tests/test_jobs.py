@@ -200,3 +200,21 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     assert lines["NODES"].split() == ["127.0.0.1"]
     listening = set(lines["LISTEN"].split())
     assert len(listening) >= 1 and listening <= LOOPBACK_HEX, listening
+
+
+def test_workers_of_a_local_ray_find_it_whatever_the_cluster_file_says(ray_running, tmp_path):
+    """Ray's state API, which Ray Train's placement-group cleaner polls from a worker all run,
+    looks for the cluster in RAY_ADDRESS, else in ray_current_cluster (the last `ray start`
+    head, stale once that head is gone: each poll then hangs 40 s). A local Ray's workers
+    are given its address, so a stale file (here in a temp dir, not /tmp/ray) is not read."""
+    import ray
+
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:9")  # a head that is gone
+
+    @ray.remote(num_cpus=0)
+    def resolve(temp_dir):
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        return canonicalize_bootstrap_address_or_die(None, temp_dir=temp_dir)
+
+    assert ray.get(resolve.remote(str(tmp_path))) == ray.get_runtime_context().gcs_address

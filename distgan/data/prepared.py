@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -393,85 +392,3 @@ def actor_cpus(n_actors: int) -> float:
     cpus = ray.cluster_resources().get("CPU", 1)
     share = min(cpus / (n_actors + 1), (largest_node("CPU") or cpus) / 2)
     return float(int(share)) if share >= 1 else share
-
-
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def local_ray_on_loopback() -> None:
-    """Make a local Ray (no RAY_ADDRESS) listen on 127.0.0.1 only. On Linux Ray binds
-    every interface and advertises the machine's address so other nodes can join; "0"
-    in this variable is Ray's own single-machine mode (loopback only, no joining).
-    Ray reads it once, when first imported, so this runs before any `import ray`
-    (the CLI's first step) and is a no-op after; a value the user set wins."""
-    if not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
-        os.environ.setdefault(LOOPBACK_ENV, "0")
-
-
-# The console: distgan's own progress lines and errors; Ray's notices that ask nothing of
-# the user are left out through Ray's own settings (`distgan --verbose` keeps them all):
-QUIET = {
-    # Ray Data's INFO lines (execution-plan dumps, "execution finished", the progress-bar
-    # notice), on the driver and, through the job's runtime_env, in every worker; its
-    # warnings and errors still print
-    "RAY_DATA_LOG_LEVEL": "WARNING",
-}
-_console = {"verbose": False}
-
-
-def set_console(verbose: bool) -> None:
-    """Called once by the CLI, before Ray is imported: quiet (default) or everything."""
-    _console["verbose"] = verbose
-    if not verbose:
-        for k, v in QUIET.items():
-            os.environ.setdefault(k, v)  # a value the user set wins
-        if not os.environ.get("RAY_ADDRESS"):
-            # A local start: token authentication stays on (Ray's default), said explicitly so
-            # Ray does not print its "enabled by default" notice. Ray reads it when imported.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-
-def skip_progress_notice() -> None:
-    """Ray Data warns once per process that its progress bars are off (distgan turns them
-    off and prints its own): mark that notice as given, through Ray's own once-only log."""
-    from ray.util.debug import log_once
-
-    log_once("ray_data_progress_manager_disabled")
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster when launched by `ray job submit` (or RAY_ADDRESS is set);
-    otherwise start a local Ray on loopback. Locally, Ray gets at least 4 logical CPUs
-    so two training workers and Ray Data's read tasks fit on a 2-core laptop; each
-    worker then caps its torch threads so they do not fight over the real cores.
-    Unless --verbose (`set_console`), the driver's Ray loggers show warnings and errors
-    only, not Ray's INFO start-up lines."""
-    local_ray_on_loopback()
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray Data's per-operator progress bars flood a terminal that also shows training
-    # progress; distgan prints its own (the setting travels with each Dataset).
-    import ray.data
-
-    from .. import faults
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    quiet = not _console["verbose"]
-    if quiet:
-        skip_progress_notice()
-    env_vars = {k: os.environ[k] for k in QUIET if quiet and k in os.environ}
-    env_vars |= (faults.runtime_env() or {}).get("env_vars", {})  # a test's injected fault reaches every worker
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # under `ray job submit`: the job's own env_vars win
-        job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env", {}).get("env_vars", {})
-        env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
-    kw = {"log_to_driver": True, "runtime_env": {"env_vars": env_vars} if env_vars else None,
-          "logging_level": logging.WARNING if quiet else logging.INFO}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kw)
-    else:
-        # address="local": always a fresh local instance, never a stale cluster file's address.
-        ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4), **kw)
