@@ -2,7 +2,6 @@
 GP/R1 under two-process DDP: all on the CPU (tests/test_gpu.py repeats the device
 parts on CUDA)."""
 import contextlib
-import socket
 
 import numpy as np
 import pytest
@@ -213,13 +212,16 @@ def test_tune_space_that_can_sample_wgan_gp_with_batchnorm_is_refused(tmp_path):
 # ---------------------------------------------------------------- GP and R1 under DDP
 
 
-def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    """One rank: the same wrapping as train.py, 3 D/G steps on this rank's own batches."""
+def _ddp_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    """One rank: the same wrapping as train.py, 3 D/G steps on this rank's own batches.
+    The ranks meet through a file, not a TCP store that rank 0 serves: with TCP, rank 0's
+    store thread could be torn down at exit while rank 1 still spoke to it (a SIGABRT,
+    'terminate called without an active exception', once in a CI run)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         cfg = C.from_dict(cfg_dict)
         nets = build_nets(cfg, "cpu")
@@ -232,14 +234,9 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> N
         nets.guard.check()
         flat = torch.cat([p.detach().flatten() for m in (nets.G.module, nets.D.module) for p in m.parameters()])
         torch.save(flat, f"{out}/rank{rank}.pt")
+        dist.barrier()  # both done with the group before either tears it down
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -252,7 +249,7 @@ def test_gradient_penalties_keep_two_ddp_replicas_identical(tmp_path, extra):
     import torch.multiprocessing as mp
 
     cfg = _cfg(**{"model.channels": 1, **extra})
-    mp.spawn(_ddp_worker, args=(2, _free_port(), C.to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, C.to_dict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     fresh = torch.cat([p.detach().flatten() for m in (build_nets(cfg, "cpu").G, build_nets(cfg, "cpu").D)
                        for p in m.parameters()])
