@@ -18,11 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # Ray workers inherit it; torch t
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
-from distgan.data import RAY_DEFAULTS, local_ray_on_loopback, start_local_ray  # noqa: E402
+from distgan.data import local_ray_on_loopback, ray_defaults, start_local_ray  # noqa: E402
 
-local_ray_on_loopback()
-for _k, _v in RAY_DEFAULTS.items():  # what `distgan` gives every Ray it starts
-    os.environ.setdefault(_k, _v)  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
+local_ray_on_loopback()  # every Ray the tests start (shared, multi-node, the job head) is on 127.0.0.1
+ray_defaults()  # and gets what `distgan` gives every Ray it starts
 
 # The S3 server's address and keys go into the environment now, before any Ray starts, so
 # every Ray worker the tests start reaches the bucket the way a cluster node reaches S3

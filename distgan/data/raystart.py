@@ -52,6 +52,14 @@ def set_console(verbose: bool) -> None:
             os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def ray_defaults() -> dict:
+    """RAY_DEFAULTS put in this process's environment where unset (the driver reads some of
+    them: read_parquet builds its reader here) and returned, for the workers' env_vars."""
+    for k, v in RAY_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in RAY_DEFAULTS}
+
+
 def skip_progress_notice() -> None:
     """Ray Data warns once per process that its progress bars are off (distgan turns them
     off and prints its own): mark that notice as given, through Ray's own once-only log."""
@@ -84,10 +92,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     quiet = not _console["verbose"]
     if quiet:
         skip_progress_notice()
-    for k, v in RAY_DEFAULTS.items():
-        os.environ.setdefault(k, v)  # the driver reads some of them (read_parquet), workers the rest
     env_vars = {k: os.environ[k] for k in QUIET if quiet and k in os.environ}
-    env_vars |= {k: os.environ[k] for k in RAY_DEFAULTS}
+    env_vars |= ray_defaults()
     env_vars |= (faults.runtime_env() or {}).get("env_vars", {})  # a test's injected fault reaches every worker
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # under `ray job submit`: the job's own env_vars win
         job_env = json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]).get("runtime_env", {}).get("env_vars", {})
