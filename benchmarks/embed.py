@@ -3,10 +3,12 @@ PyTorch inference loop in one process, same D, same images, same total threads,
 at two dataset sizes (so the fixed start-up cost and the per-image rate can be told
 apart) and three batch sizes.
 
-    python -m benchmarks.embed [--quick] [--readout gap]
+    python -m benchmarks.embed [--quick] [--readout gap] [--dim 0]
 
-`--readout` other than the default writes its own table (embed_gap, ...): the vectors' width
-is most of what the write costs (embed --write-only), so this shows the ratio without it.
+`--readout` or `--dim` other than the default writes its own table (embed_gap, embed_dim0, ...):
+the stored vectors' width is most of what the write costs (embed --write-only). The plain loop
+projects like the actors do (the basis fitted beforehand, untimed; the Ray path's time includes
+its fit).
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import torch
 from distgan import config as C
 from distgan.config import parse_readout
 from distgan.data import decode_images, init_ray, prepare, read_arrays
-from distgan.embed import embed_dataset, embed_images, load_embedder
-from distgan.models import DEFAULT_READOUT
+from distgan.embed import PROJECTION_SAMPLE, embed_dataset, embed_images, fit_projection, load_embedder
+from distgan.models import DEFAULT_DIM, DEFAULT_READOUT
 from distgan.train import resolve_data, save_untrained_checkpoint
 
 from .common import DATASETS, write_results
@@ -54,12 +56,17 @@ def replicate(data: Path, out: Path, times: int) -> Path:
     return out
 
 
-def plain_rate(D, images: np.ndarray, readout: str, batch: int, chunk: int = 10000) -> float:
+def plain_rate(D, images: np.ndarray, readout: str, batch: int, dim: int, chunk: int = 10000) -> float:
     """img/s of the in-memory loop; embeddings are dropped chunk by chunk, as an actor drops
-    each shard's once written (a 280k x 3584 float32 result would be 4 GB)."""
+    each shard's once written (a 280k x 3584 float32 result would be 4 GB). Read-outs wider
+    than `dim` are projected as `distgan embed` stores them (basis fitted before the clock)."""
+    basis = None
+    if dim:
+        sample = embed_images(D, images[:PROJECTION_SAMPLE], "multi", readout, batch_size=batch)
+        basis = fit_projection(sample, dim) if sample.shape[1] > dim else None
     t = time.perf_counter()
     for i in range(0, len(images), chunk):
-        embed_images(D, images[i : i + chunk], "multi", readout, batch_size=batch)
+        embed_images(D, images[i : i + chunk], "multi", readout, batch_size=batch, project=basis)
     return len(images) / (time.perf_counter() - t)
 
 
@@ -108,6 +115,8 @@ def main(argv=None):
     p.add_argument("--write-only", action="store_true",
                    help="only the cost of writing one shard's embeddings at the default read-out's widths")
     p.add_argument("--readout", default=DEFAULT_READOUT, help=f"read-out to embed with (default {DEFAULT_READOUT})")
+    p.add_argument("--dim", type=int, default=DEFAULT_DIM,
+                   help=f"embed --dim: wider read-outs stored projected to this (default {DEFAULT_DIM}; 0: whole)")
     args = p.parse_args(argv)
     parse_readout(args.readout)
     if args.write_only:
@@ -139,13 +148,14 @@ def main(argv=None):
             save_untrained_checkpoint(cfg, ckpt)
         D, _ = load_embedder(ckpt, data)
         images = decode_images(read_arrays(data, columns=("image",))["image"], 32, 1)
-        plain = plain_rate(D, images, readout, batch)
+        plain = plain_rate(D, images, readout, batch, args.dim)
         row = {"D width": width, "images": len(images), "batch": batch, "plain img/s": plain}
         for actors in (1, 2):
             out = tmp / f"emb-{data.name}-{width}-{batch}-{actors}"
             t = time.perf_counter()
-            embed_dataset(ckpt, data, out, batch_size=batch, features="multi", readout=readout, num_actors=actors,
-                          progress=False)
+            m = embed_dataset(ckpt, data, out, batch_size=batch, features="multi", readout=readout, dim=args.dim,
+                              num_actors=actors, progress=False)
+            row["stored dim"] = m["dim"]
             seconds = time.perf_counter() - t
             row[f"{actors} actor(s) s"] = seconds
             row[f"{actors} actor(s) / plain"] = len(images) / seconds / plain
@@ -160,18 +170,20 @@ def main(argv=None):
         for r in (small, large):
             r["1 actor fixed s"] = small["1 actor(s) s"] - small["images"] * per_image
             r["1 actor steady / plain"] = 1 / per_image / r["plain img/s"]
-    cols = ["D width", "images", "batch", "plain img/s", "1 actor(s) s", "1 actor(s) / plain", "2 actor(s) s",
+    cols = ["D width", "images", "batch", "stored dim", "plain img/s", "1 actor(s) s", "1 actor(s) / plain", "2 actor(s) s",
             "2 actor(s) / plain", "1 actor fixed s", "1 actor steady / plain"]
     notes = (f"Data: {what} at 32x32; DCGAN D, multi-layer features through the "
              f"{'default ' if readout == DEFAULT_READOUT else ''}read-out {readout}, "
-             "written as float16. The plain loop holds the decoded images in memory and embeds them in one process "
+             + (f"projected to {args.dim} dimensions where wider (embed --dim {args.dim}), " if args.dim else "stored whole (--dim 0), ")
+             + "written as float16. The plain loop holds the decoded images in memory and embeds them in one process "
              "with 2 threads (results dropped per 10,000 images). The Ray Data times are end to end: loading the "
              "checkpoint and re-estimating BatchNorm on the driver, actor start-up, each actor reading, decoding, "
              "embedding and writing its shards. 'fixed s' and 'steady / plain' split the 1-actor time at batch 256 "
              "into a constant and a per-image rate from the two dataset sizes (time = fixed + n / rate).")
-    default = readout == DEFAULT_READOUT
-    write_results("embed" if default else f"embed_{readout.replace('-', '_')}", rows, cols,
-                  "python -m benchmarks.embed" + ("" if default else f" --readout {readout}"), notes, quick=args.quick)
+    name = "embed" + ("" if readout == DEFAULT_READOUT else f"_{readout.replace('-', '_')}") \
+        + ("" if args.dim == DEFAULT_DIM else f"_dim{args.dim}")
+    flags = ("" if readout == DEFAULT_READOUT else f" --readout {readout}") + ("" if args.dim == DEFAULT_DIM else f" --dim {args.dim}")
+    write_results(name, rows, cols, "python -m benchmarks.embed" + flags, notes, quick=args.quick)
     shutil.rmtree(tmp)
     return rows
 

@@ -106,6 +106,7 @@ class ClusterConfig:
     seed: int = 0
     features: str = "multi"  # last | multi: which D layers the embedding reads
     readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg (models.py)
+    embed_dim: int = 256  # embed stores wider read-outs projected to this many dimensions; 0: whole (embed.py)
     manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
     manifold_dim: int = 10  # UMAP output dimensions
     method: str = "kmeans"  # kmeans | gmm: a full-covariance Gaussian mixture on the manifold map (cluster/fit.py)
@@ -381,7 +382,7 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
     for key, value in [
         ("loss.gp_weight", cfg.loss.gp_weight), ("loss.r1_gamma", cfg.loss.r1_gamma),
         ("data.worker_cache_mb", cfg.data.worker_cache_mb), ("train.max_failures", t.max_failures), ("train.threads_per_worker", t.threads_per_worker),
-        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("cluster.nredo", c.nredo), ("train.minutes", t.minutes), ("objective.fake_weight", cfg.objective.fake_weight),
+        ("eval.every", cfg.eval.every), ("cluster.sample", c.sample), ("cluster.nredo", c.nredo), ("cluster.embed_dim", c.embed_dim), ("train.minutes", t.minutes), ("objective.fake_weight", cfg.objective.fake_weight),
         ("objective.rotation_weight", cfg.objective.rotation_weight), ("objective.rotation_g_weight", cfg.objective.rotation_g_weight), ("tune.max_concurrent", cfg.tune.max_concurrent),
     ]:
         _positive(key, value, allow_zero=True)

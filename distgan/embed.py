@@ -7,6 +7,12 @@ and writes one output shard (`emb-<input>.parquet`) whole or not at all
 (storage.write_parquet), local or in object storage. The driver sees one small row
 per shard. A rerun of the same command skips shards already present, so after a
 crash only the missing output is redone. `embeddings.json` is written last.
+
+Wide read-outs are stored projected (`dim`, default 256): the grid read-out is 3,584-d at
+width 32, and Parquet encoding that many float16 values a row cost the actors more than
+embedding them (README, Benchmarks). The basis is the top `dim` right singular vectors of a
+sample's read-outs, fitted once before the shards and saved beside them (`projection.npy`),
+so a resumed run projects with the same basis.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from .config import UserError
 from .data import COLUMNS, actor_cpus, actor_threads, decode_images, init_ray, read_manifest, sample_rows, shard_paths, to_device
 from .faults import slow_down
 from .storage import Loc, loc, write_parquet
-from .models import DEFAULT_READOUT, check_data_fits, discriminator_from_checkpoint, embedding_dim, load_state, recalibrate_batchnorm
+from .models import DEFAULT_DIM, DEFAULT_READOUT, check_data_fits, discriminator_from_checkpoint, embedding_dim, load_state, recalibrate_batchnorm
 
 MANIFEST = "embeddings.json"
 AMP_MODES = ("auto", "off", "bf16", "fp16")
@@ -30,6 +36,8 @@ SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 # the montage's row-group pushdown uses them).
 PARQUET_OPTIONS = {"use_dictionary": ["label", "split"], "write_statistics": ["id", "label", "split"]}
 WRITE_ROWS = 8192  # images embedded per chunk; Parquet encodes a chunk while the next is embedded
+PROJECTION = "projection.npy"  # (E, dim) float32: stored vector = read-out @ basis
+PROJECTION_SAMPLE = 8192  # images whose read-outs the basis is fitted on
 
 
 class ShardEmbedder:
@@ -39,7 +47,7 @@ class ShardEmbedder:
     On a GPU it infers under bf16 (or fp16 before Ampere) autocast unless amp says otherwise."""
 
     def __init__(self, state_d: dict, config: dict, features: str, readout: str, dtype: str, amp: str = "auto",
-                 batch_size: int = 256):
+                 batch_size: int = 256, project: np.ndarray | None = None):
         import torch
 
         from . import config as C
@@ -55,6 +63,7 @@ class ShardEmbedder:
         self.D.load_state_dict(state_d)
         self.D.to(self.device).eval()
         self.features, self.readout, self.dtype, self.batch_size = features, readout, np.dtype(dtype), batch_size
+        self.project = None if project is None else np.array(project)  # writable: Ray hands a read-only view
 
     def __call__(self, batch: dict) -> dict:
         import pyarrow.parquet as pq
@@ -74,28 +83,75 @@ class ShardEmbedder:
         for i in range(0, max(t.num_rows, 1), WRITE_ROWS):
             part = t.slice(i, WRITE_ROWS)
             images = decode_images(part["image"].to_pylist(), self.cfg.resolution, self.cfg.channels)  # (n, H, W, C)
-            emb = embed_images(self.D, images, self.features, self.readout, self.device, self.batch_size, amp=self.amp)
+            emb = embed_images(self.D, images, self.features, self.readout, self.device, self.batch_size, amp=self.amp,
+                               project=self.project)
             yield _table(part["id"].to_numpy(), part["label"].fill_null(-1).to_numpy(),
                          part["split"].to_numpy(zero_copy_only=False), emb.astype(self.dtype))
 
 
 def embed_images(D, images_u8: np.ndarray, features: str, readout: str = DEFAULT_READOUT, device="cpu",
-                 batch_size: int = 512, amp: str = "off") -> np.ndarray:
+                 batch_size: int = 512, amp: str = "off", project: np.ndarray | None = None) -> np.ndarray:
     """(N, H, W, C) uint8 -> (N, E) float32 with an eval-mode D; the in-process path.
-    amp: a resolved precision (off | bf16 | fp16) for the forward pass; the result is float32."""
+    amp: a resolved precision (off | bf16 | fp16) for the forward pass; the result is float32.
+    project: an (E, d) basis (fit_projection): the result is then (N, d), projected on the device
+    in float32."""
     import torch
 
     from .models import autocast
 
+    p = None if project is None else torch.as_tensor(project, dtype=torch.float32, device=device)
     outs = []
-    with torch.no_grad(), autocast(device, amp):
+    with torch.no_grad():
         for i in range(0, len(images_u8), batch_size):
             x = to_device(images_u8[i : i + batch_size], device)  # uint8 crosses to the device
-            outs.append(D.embed(x, features, readout).float().cpu().numpy())
+            with autocast(device, amp):
+                e = D.embed(x, features, readout).float()  # (B, E)
+            outs.append((e if p is None else e @ p).cpu().numpy())  # (B, E) or (B, d)
     if not outs:
         h, w, c = images_u8.shape[1:]
-        return np.zeros((0, embedding_dim(D, features, readout, h, c)), np.float32)
+        return np.zeros((0, embedding_dim(D, features, readout, h, c) if p is None else p.shape[1]), np.float32)
     return np.concatenate(outs)
+
+
+def fit_projection(x: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
+    """(n, E) read-outs -> (E, d) float32 orthonormal basis, d = min(dim, n, E): the top d right
+    singular vectors of x, not centred, so a stored vector keeps the length and inner products
+    of its read-out within that subspace (cluster's PCA centres later; `l2` and spherical
+    k-means see the read-out's own geometry). scikit-learn's seeded randomized SVD, signs fixed."""
+    from sklearn.utils.extmath import randomized_svd
+
+    d = min(dim, *x.shape)
+    _, _, vt = randomized_svd(np.asarray(x, np.float32), d, random_state=seed)  # vt: (d, E)
+    return np.ascontiguousarray(vt.T, dtype=np.float32)
+
+
+def load_projection(embeddings) -> np.ndarray | None:
+    """The (E, d) basis a `distgan embed` output was projected with, or None (stored whole):
+    `embed_images(..., project=load_projection(out))` embeds new images into the same space."""
+    import io
+
+    f = loc(embeddings) / PROJECTION
+    return np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) if f.exists() else None
+
+
+def _projection(D, data: Loc, out: Loc, features: str, readout: str, dim: int, readout_dim: int, count: int,
+                resumed: bool) -> np.ndarray | None:
+    """The basis for this output: the saved one on a rerun, else fitted now and saved before any shard."""
+    import io
+
+    if not dim or dim >= readout_dim:
+        return None
+    saved = load_projection(out)
+    if saved is not None:
+        return saved
+    if resumed:
+        raise UserError(f"{out} holds embedding shards but not their {PROJECTION}; pass --overwrite")
+    images, _ = sample_rows(data, min(PROJECTION_SAMPLE, count))
+    basis = fit_projection(embed_images(D, images, features, readout, batch_size=256), dim)
+    buf = io.BytesIO()
+    np.save(buf, basis, allow_pickle=False)
+    (out / PROJECTION).write_bytes(buf.getvalue())
+    return basis
 
 
 def load_embedder(checkpoint: str, data: str, calibrate: int = 2048):
@@ -128,6 +184,7 @@ def embed_dataset(
     dtype: str = "float16",
     features: str = "multi",
     readout: str = DEFAULT_READOUT,
+    dim: int = DEFAULT_DIM,
     num_actors: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -135,7 +192,8 @@ def embed_dataset(
     selection: dict | None = None,
 ) -> dict:
     """Embed every image of `data` into `out`; returns the embeddings manifest (holding
-    `selection`, the checkpoint choice of `embed --select`, when given)."""
+    `selection`, the checkpoint choice of `embed --select`, when given). dim: read-outs wider
+    than this are stored projected to it (module docstring); 0 stores them whole."""
     import pyarrow.parquet as pq
     import ray
     import ray.data
@@ -151,6 +209,8 @@ def embed_dataset(
         raise UserError(f"--amp must be one of {', '.join(AMP_MODES)}, got '{amp}'")
     if num_actors is not None and num_actors < 1:
         raise UserError(f"--actors must be >= 1, got {num_actors}")
+    if dim < 0:
+        raise UserError(f"--dim must be >= 0 (0 stores the whole read-out), got {dim}")
     from .storage import check_access
 
     data, out = loc(data), loc(out)
@@ -158,9 +218,9 @@ def embed_dataset(
     inputs = shard_paths(data)
     D, state = load_embedder(checkpoint, data)
     mcfg = state["config"]["model"]
-    dim = embedding_dim(D, features, readout, mcfg["resolution"], mcfg["channels"])  # a grid too large: UserError here
+    readout_dim = embedding_dim(D, features, readout, mcfg["resolution"], mcfg["channels"])  # a grid too large: UserError here
     spec = {"checkpoint": loc(checkpoint).uri, "step": state["step"], "data": data.uri,
-            "features": features, "readout": readout, "dtype": dtype}
+            "features": features, "readout": readout, "dtype": dtype, "embed_dim": dim}
     if overwrite:
         out.rmtree()
     out.mkdir()
@@ -182,6 +242,8 @@ def embed_dataset(
     present = {c.name for c in out.iterdir()}  # one listing, not a request per shard
     todo = [f for f in inputs if target[f.uri].name not in present]
     done_before = len(inputs) - len(todo)
+    count = sum(expected.values())
+    project = _projection(D, data, out, features, readout, dim, readout_dim, count, resumed=done_before > 0)
 
     if todo:
         from .capacity import wait_for
@@ -203,7 +265,8 @@ def embed_dataset(
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardEmbedder,
             fn_constructor_kwargs={"state_d": D.state_dict(), "config": state["config"], "features": features,
-                                   "readout": readout, "dtype": dtype, "amp": amp, "batch_size": batch_size},
+                                   "readout": readout, "dtype": dtype, "amp": amp, "batch_size": batch_size,
+                                   "project": project},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_actors),
             # CPU actors share the CPUs with Ray Data's own tasks (one CPU's worth left for them);
             # each actor's torch threads follow what it was given (actor_threads).
@@ -217,7 +280,9 @@ def embed_dataset(
         if missing:
             raise RuntimeError(f"embedding finished but shards are incomplete: {missing}")
 
-    manifest = {**spec, "count": sum(expected.values()), "dim": dim, "arch": state["config"]["model"]["arch"],
+    manifest = {**spec, "count": count, "dim": readout_dim if project is None else project.shape[1],
+                "readout_dim": readout_dim, "projection": None if project is None else PROJECTION,
+                "arch": state["config"]["model"]["arch"],
                 "shards": sorted(p.name for p in target.values()), "reused_shards": done_before,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if selection:

@@ -56,6 +56,7 @@ def _sn(module: nn.Module, on: bool) -> nn.Module:
 # ---------------------------------------------------------------- read-outs
 
 DEFAULT_READOUT = "grid4-max"  # measured in benchmarks/quality.py (README, Embedding quality)
+DEFAULT_DIM = 256  # wider read-outs are stored projected to this many dimensions (embed.py)
 
 
 def readout(feats: list[torch.Tensor], spec: str) -> torch.Tensor:

@@ -275,7 +275,7 @@ def embedded(ray_running, untrained_checkpoint, fake_dir, tmp_path_factory):
 
 def test_embedding_with_two_actors_equals_single_process(embedded, untrained_checkpoint, fake_dir):
     from distgan.data import decode_images, read_arrays
-    from distgan.embed import embed_images, load_embedder
+    from distgan.embed import embed_images, load_embedder, load_projection
 
     out, m = embedded
     t = pq.read_table(sorted(out.glob("*.parquet"))).sort_by("id")  # pyarrow reads a list of files
@@ -283,10 +283,15 @@ def test_embedding_with_two_actors_equals_single_process(embedded, untrained_che
     a = read_arrays(fake_dir)
     order = np.argsort(a["id"])
     D, _ = load_embedder(untrained_checkpoint, fake_dir)
-    ref = embed_images(D, decode_images(a["image"][order], 32, 1), "multi")
+    full = embed_images(D, decode_images(a["image"][order], 32, 1), "multi")  # (400, 896): the whole read-out
+    # stored projected to the default 256 dimensions with the basis saved beside the shards
+    basis = load_projection(out)
+    assert m["readout_dim"] == full.shape[1] == 896 and m["projection"] == "projection.npy"
+    assert basis.shape == (896, 256) and np.allclose(basis.T @ basis, np.eye(256), atol=1e-4)
+    ref = full @ basis
     assert t["id"].to_pylist() == a["id"][order].tolist()
     got = np.stack(t["embedding"].to_numpy(zero_copy_only=False))
-    assert got.shape == ref.shape == (400, m["dim"])
+    assert got.shape == ref.shape == (400, m["dim"]) == (400, 256)
     assert np.allclose(got, ref, atol=1e-4)
     assert t["label"].to_pylist() == a["label"][order].tolist()
     # written as distgan.embed.PARQUET_OPTIONS says: the vectors plain and without min/max
@@ -328,10 +333,16 @@ def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, 
     shards = sorted(out.glob("emb-*.parquet"))
     assert len(shards) == 4  # one per input shard
     before = {p.name: p.stat().st_mtime_ns for p in shards}
+    redone = pq.read_table(shards[2])
+    basis = (out / "projection.npy").read_bytes()
     shards[2].unlink()
     m = embed_dataset(untrained_checkpoint, fake_dir, out, batch_size=64, dtype="float32", features="multi",
                       progress=False)
     assert m["reused_shards"] == 3
+    # projected with the saved basis, not one fitted again: the shard comes back as it was
+    assert (out / "projection.npy").read_bytes() == basis
+    np.testing.assert_allclose(np.stack(pq.read_table(shards[2])["embedding"].to_numpy(zero_copy_only=False)),
+                               np.stack(redone["embedding"].to_numpy(zero_copy_only=False)), atol=1e-5)
     # the default pool (2 CPU actors) is cut to the one shard left to do
     assert "from 1 shard(s) (3 already done) with 1 CPU actor(s)" in capsys.readouterr().out
     after = {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("emb-*.parquet"))}
@@ -340,6 +351,38 @@ def test_embed_rerun_redoes_only_missing_shards(embedded, untrained_checkpoint, 
     assert not list(out.glob(".*.tmp"))
     with pytest.raises(UserError, match="other settings"):  # a different spec never mixes into this folder
         embed_dataset(untrained_checkpoint, fake_dir, out, dtype="float16", features="multi", progress=False)
+    (out / "projection.npy").rename(out / "aside.npy")
+    try:  # shards without their basis: refitting could give another space, so nothing is redone
+        with pytest.raises(UserError, match="holds embedding shards but not their projection.npy"):
+            embed_dataset(untrained_checkpoint, fake_dir, out, batch_size=64, dtype="float32", features="multi",
+                          progress=False)
+    finally:
+        (out / "aside.npy").rename(out / "projection.npy")
+
+
+def test_fit_projection_spans_the_top_singular_directions():
+    """The basis against numpy's full SVD of the same sample (a rank-5 signal plus noise, off the
+    origin: the basis is not centred, so the offset is part of what it keeps)."""
+    from distgan.embed import fit_projection
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(500, 5)) * [50, 40, 30, 20, 10]) @ rng.normal(size=(5, 64)) + rng.normal(size=(500, 64)) + 5.0
+    b = fit_projection(x.astype(np.float32), 5)
+    v = np.linalg.svd(x, full_matrices=False)[2][:5].T  # (64, 5)
+    assert b.shape == (64, 5) and b.dtype == np.float32
+    np.testing.assert_allclose(b @ b.T, v @ v.T, atol=1e-3)  # the same subspace (projectors)
+    assert fit_projection(x[:3].astype(np.float32), 5).shape == (64, 3)  # no more directions than points
+
+
+def test_embed_dim_0_or_a_narrow_read_out_stores_it_whole(ray_running, untrained_checkpoint, fake_dir, tmp_path):
+    from distgan.embed import embed_dataset
+
+    for dim, readout in ((0, "grid4-max"), (256, "gap")):  # gap: 56-d here, narrower than 256
+        m = embed_dataset(untrained_checkpoint, fake_dir, tmp_path / f"e{dim}", dtype="float32", readout=readout,
+                          dim=dim, num_actors=1, progress=False)
+        assert m["dim"] == m["readout_dim"] == (896 if dim == 0 else 56) and m["projection"] is None
+        assert not (tmp_path / f"e{dim}" / "projection.npy").exists()
+        assert pq.read_schema(next((tmp_path / f"e{dim}").glob("emb-*.parquet"))).field("embedding").type.list_size == m["dim"]
 
 
 def test_cluster_and_probe_cli_on_embeddings(embedded, fake_dir, tmp_path, capsys):

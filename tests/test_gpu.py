@@ -128,7 +128,7 @@ def test_embedding_actor_on_the_gpu_matches_cpu_embeddings(ray_running, untraine
 
     from distgan.cluster import collect, embedding_features
     from distgan.data import decode_images, read_arrays
-    from distgan.embed import embed_dataset, embed_images, load_embedder
+    from distgan.embed import embed_dataset, embed_images, load_embedder, load_projection
 
     if not ray.cluster_resources().get("GPU"):
         pytest.skip("the shared Ray found no GPU")
@@ -138,7 +138,8 @@ def test_embedding_actor_on_the_gpu_matches_cpu_embeddings(ray_running, untraine
     D, _ = load_embedder(untrained_checkpoint, fake_dir)
     a = read_arrays(fake_dir)
     order = np.argsort(a["id"])
-    ref = embed_images(D, decode_images(a["image"][order], 32, 1), "multi")  # fp32 on the CPU
+    ref = embed_images(D, decode_images(a["image"][order], 32, 1), "multi",
+                       project=load_projection(tmp_path / "emb"))  # fp32 on the CPU, the basis the run saved
     got = x[np.argsort(ids)]
     cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
     assert m["count"] == len(ref) and cos.min() > 0.99  # bf16/fp16 on the GPU vs fp32 on the CPU

@@ -193,4 +193,5 @@ def test_autoencoder_trains_embeds_and_clusters_through_the_cli(ray_running, fak
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 400 and len(m["sizes"]) == 4
     emb = json.loads((out / "embeddings" / "embeddings.json").read_text())
-    assert emb["readout"] == C.ClusterConfig().readout and emb["dim"] == (8 + 16 + 32) * 16
+    assert emb["readout"] == C.ClusterConfig().readout and emb["readout_dim"] == (8 + 16 + 32) * 16
+    assert emb["dim"] == C.ClusterConfig().embed_dim == 256  # stored projected (embed --dim)

@@ -174,6 +174,10 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--readout", default=CLUSTER.readout,
                    help=f"gap (global average) | gridG-max | gridG-avg (each block pooled to G x G, L2 per block); "
                         f"default {CLUSTER.readout}")
+    p.add_argument("--dim", type=int, default=CLUSTER.embed_dim,
+                   help=f"store read-outs wider than this projected to this many dimensions (the top singular "
+                        f"directions of a sample's read-outs, saved as projection.npy); 0 stores them whole; "
+                        f"default {CLUSTER.embed_dim}")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
                    help="inference precision on GPUs (auto: bf16 on Ampere+, fp16 before; CPUs always fp32)")
 

@@ -74,10 +74,10 @@ def cmd_embed(args) -> None:
     # embed_dataset checks the flags, the checkpoint (weights_only, distgan's format tag) and
     # the dataset before it starts Ray.
     m = embed_dataset(args.checkpoint, args.data, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                      features=args.features, readout=args.readout, num_actors=args.actors, overwrite=args.overwrite,
-                      amp=args.amp, selection=selection)
-    print(f"embedded {m['count']} images ({m['dim']}-d {m['dtype']}, features={m['features']}, readout={m['readout']}) "
-          f"-> {args.out}")
+                      features=args.features, readout=args.readout, dim=args.dim, num_actors=args.actors,
+                      overwrite=args.overwrite, amp=args.amp, selection=selection)
+    stored = f"{m['dim']}-d {m['dtype']}" + (f" (read-out {m['readout_dim']}-d, projected)" if m["projection"] else "")
+    print(f"embedded {m['count']} images ({stored}, features={m['features']}, readout={m['readout']}) -> {args.out}")
 
 
 def _cluster_features(args):
@@ -101,7 +101,7 @@ def _cluster_features(args):
                   spherical=args.spherical)  # before embedding
     emb = loc(args.out) / "embeddings"
     embed_dataset(args.checkpoint, args.data, emb, batch_size=args.batch_size, dtype=args.dtype,
-                  features=args.features, readout=args.readout, overwrite=args.overwrite, amp=args.amp)
+                  features=args.features, readout=args.readout, dim=args.dim, overwrite=args.overwrite, amp=args.amp)
     return embedding_features(emb)
 
 

@@ -61,12 +61,13 @@ def cmd_pipeline(args) -> None:
     init_ray()
     print(f"[2/6] train {cfg.model.arch}/{cfg.loss.name}, {cfg.train.steps} steps, {cfg.train.num_workers} worker(s)")
     trained = run_training(cfg, storage=(out / "runs").uri, name="gan")
-    print(f"[3/6] embed every image with D (features={cfg.cluster.features}, readout={cfg.cluster.readout})")
+    stored = f"stored at most {cfg.cluster.embed_dim}-d" if cfg.cluster.embed_dim else "stored whole"
+    print(f"[3/6] embed every image with D (features={cfg.cluster.features}, readout={cfg.cluster.readout}, {stored})")
     emb = out / "embeddings"
     if (emb / ".embed-spec.json").exists() and (emb / ".embed-spec.json").read_json()["checkpoint"] != loc(trained.checkpoint).uri:
         emb.rmtree()  # training went further since: these embeddings are stale
     embed_dataset(trained.checkpoint, data, emb, features=cfg.cluster.features, readout=cfg.cluster.readout,
-                  progress=not args.smoke_test)
+                  dim=cfg.cluster.embed_dim, progress=not args.smoke_test)
     print(f"[4/6] faiss k-means, k={ks if ks and len(ks) > 1 else k}: D embeddings, then raw pixels (the baseline)")
     cl = cfg.cluster
     kw = dict(preprocess=cl.preprocess, pca_dim=cl.pca_dim, niter=cl.niter, nredo=cl.nredo,

@@ -137,7 +137,8 @@ def embedding_features(path: str, batch_rows: int = 65536) -> Features:
             except (OSError, ValueError) as e:
                 raise UserError(f"cannot read embeddings shard {f}: {e}") from None
 
-    desc = f"D embeddings ({manifest['arch']}, features={manifest['features']}, step {manifest['step']})"
+    desc = f"D embeddings ({manifest['arch']}, features={manifest['features']}, step {manifest['step']}"
+    desc += f", projected from {manifest['readout_dim']}-d)" if manifest.get("projection") else ")"
     return Features(batches, manifest["count"], manifest["dim"], desc, manifest.get("data"), "embedding",
                     [f.uri for f in files])
 
