@@ -25,7 +25,7 @@ import torch
 from distgan import config as C
 from distgan.config import parse_readout
 from distgan.data import decode_images, init_ray, prepare, read_arrays
-from distgan.embed import PROJECTION_SAMPLE, embed_dataset, embed_images, fit_projection, load_embedder
+from distgan.embed import CALIBRATION_SAMPLE, embed_dataset, embed_images, fit_projection, load_embedder
 from distgan.models import DEFAULT_DIM, DEFAULT_READOUT
 from distgan.train import resolve_data, save_untrained_checkpoint
 
@@ -62,7 +62,7 @@ def plain_rate(D, images: np.ndarray, readout: str, batch: int, dim: int, chunk:
     than `dim` are projected as `distgan embed` stores them (basis fitted before the clock)."""
     basis = None
     if dim:
-        sample = embed_images(D, images[:PROJECTION_SAMPLE], "multi", readout, batch_size=batch)
+        sample = embed_images(D, images[:CALIBRATION_SAMPLE], "multi", readout, batch_size=batch)  # as many as embed fits on
         basis = fit_projection(sample, dim) if sample.shape[1] > dim else None
     t = time.perf_counter()
     for i in range(0, len(images), chunk):

@@ -10,8 +10,8 @@ crash only the missing output is redone. `embeddings.json` is written last.
 
 Wide read-outs are stored projected (`dim`, default 256): the grid read-out is 3,584-d at
 width 32, and Parquet encoding that many float16 values a row cost the actors more than
-embedding them (README, Benchmarks). The basis is the top `dim` right singular vectors of a
-sample's read-outs, fitted once before the shards and saved beside them (`projection.npy`),
+embedding them (README, Benchmarks). The basis is the top `dim` right singular vectors of the
+read-outs of the BatchNorm calibration images (2,048), fitted once before the shards and saved beside them (`projection.npy`),
 so a resumed run projects with the same basis.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 PARQUET_OPTIONS = {"use_dictionary": ["label", "split"], "write_statistics": ["id", "label", "split"]}
 WRITE_ROWS = 8192  # images embedded per chunk; Parquet encodes a chunk while the next is embedded
 PROJECTION = "projection.npy"  # (E, dim) float32: stored vector = read-out @ basis
-PROJECTION_SAMPLE = 8192  # images whose read-outs the basis is fitted on
+CALIBRATION_SAMPLE = 2048  # images BatchNorm is re-estimated on; the projection is fitted on the same ones
 
 
 class ShardEmbedder:
@@ -134,7 +134,7 @@ def load_projection(embeddings) -> np.ndarray | None:
     return np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) if f.exists() else None
 
 
-def _projection(D, data: Loc, out: Loc, features: str, readout: str, dim: int, readout_dim: int, count: int,
+def _projection(D, images: np.ndarray, out: Loc, features: str, readout: str, dim: int, readout_dim: int,
                 resumed: bool) -> np.ndarray | None:
     """The basis for this output: the saved one on a rerun, else fitted now and saved before any shard."""
     import io
@@ -146,7 +146,6 @@ def _projection(D, data: Loc, out: Loc, features: str, readout: str, dim: int, r
         return saved
     if resumed:
         raise UserError(f"{out} holds embedding shards but not their {PROJECTION}; pass --overwrite")
-    images, _ = sample_rows(data, min(PROJECTION_SAMPLE, count))
     basis = fit_projection(embed_images(D, images, features, readout, batch_size=256), dim)
     buf = io.BytesIO()
     np.save(buf, basis, allow_pickle=False)
@@ -154,13 +153,15 @@ def _projection(D, data: Loc, out: Loc, features: str, readout: str, dim: int, r
     return basis
 
 
-def load_embedder(checkpoint: str, data: str, calibrate: int = 2048):
-    """D from a checkpoint, BatchNorm stats re-estimated on real images of `data`."""
+def load_embedder(checkpoint: str, data: str, calibrate: int = CALIBRATION_SAMPLE, with_sample: bool = False):
+    """D from a checkpoint, BatchNorm stats re-estimated on real images of `data`; with_sample
+    also returns those (n, H, W, C) uint8 images (embed fits its projection on them: no second read)."""
     state = load_state(checkpoint)
     D, mcfg = discriminator_from_checkpoint(state)
     check_data_fits(read_manifest(data), mcfg, data)
-    recalibrate_batchnorm(D, sample_rows(data, calibrate)[0])
-    return D, state
+    images = sample_rows(data, calibrate)[0]
+    recalibrate_batchnorm(D, images)
+    return (D, state, images) if with_sample else (D, state)
 
 
 def _table(ids, labels, splits, emb: np.ndarray):
@@ -216,7 +217,7 @@ def embed_dataset(
     data, out = loc(data), loc(out)
     check_access(out, write=True)
     inputs = shard_paths(data)
-    D, state = load_embedder(checkpoint, data)
+    D, state, sample = load_embedder(checkpoint, data, with_sample=True)
     mcfg = state["config"]["model"]
     readout_dim = embedding_dim(D, features, readout, mcfg["resolution"], mcfg["channels"])  # a grid too large: UserError here
     spec = {"checkpoint": loc(checkpoint).uri, "step": state["step"], "data": data.uri,
@@ -243,7 +244,8 @@ def embed_dataset(
     todo = [f for f in inputs if target[f.uri].name not in present]
     done_before = len(inputs) - len(todo)
     count = sum(expected.values())
-    project = _projection(D, data, out, features, readout, dim, readout_dim, count, resumed=done_before > 0)
+    project = _projection(D, sample, out, features, readout, dim, readout_dim, resumed=done_before > 0)
+    del sample
 
     if todo:
         from .capacity import wait_for
