@@ -128,17 +128,13 @@ def fit_projection(x: np.ndarray, dim: int, seed: int = 0) -> np.ndarray:
 def load_projection(embeddings) -> np.ndarray | None:
     """The (E, d) basis a `distgan embed` output was projected with, or None (stored whole):
     `embed_images(..., project=load_projection(out))` embeds new images into the same space."""
-    import io
-
     f = loc(embeddings) / PROJECTION
-    return np.load(io.BytesIO(f.read_bytes()), allow_pickle=False) if f.exists() else None
+    return f.read_npy() if f.exists() else None
 
 
 def _projection(D, images: np.ndarray, out: Loc, features: str, readout: str, dim: int, readout_dim: int,
                 resumed: bool) -> np.ndarray | None:
     """The basis for this output: the saved one on a rerun, else fitted now and saved before any shard."""
-    import io
-
     if not dim or dim >= readout_dim:
         return None
     saved = load_projection(out)
@@ -147,9 +143,7 @@ def _projection(D, images: np.ndarray, out: Loc, features: str, readout: str, di
     if resumed:
         raise UserError(f"{out} holds embedding shards but not their {PROJECTION}; pass --overwrite")
     basis = fit_projection(embed_images(D, images, features, readout, batch_size=256), dim)
-    buf = io.BytesIO()
-    np.save(buf, basis, allow_pickle=False)
-    (out / PROJECTION).write_bytes(buf.getvalue())
+    (out / PROJECTION).write_npy(basis)
     return basis
 
 

@@ -166,6 +166,14 @@ class Loc:
     def read_json(self):
         return json.loads(self.read_text())
 
+    def read_npy(self):
+        """A .npy array, never unpickled."""
+        import io
+
+        import numpy as np
+
+        return np.load(io.BytesIO(self.read_bytes()), allow_pickle=False)
+
     def open_input(self):
         """A seekable file for pyarrow.parquet and friends."""
         return self.fs.open_input_file(self.path)
@@ -195,6 +203,16 @@ class Loc:
 
     def write_json(self, obj, **kw) -> None:
         self.write_text(json.dumps(obj, indent=2, **kw))
+
+    def write_npy(self, array) -> None:
+        """One array as .npy (no pickled objects), atomically like write_bytes."""
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        self.write_bytes(buf.getvalue())
 
     def unlink(self) -> None:
         if self.is_file():

@@ -66,7 +66,7 @@ def run_clustering(
         (out / SPEC).write_json(spec)
     t0 = time.perf_counter()
     if resume and (out / "preprocess.npz").is_file():  # written after centroids.npy: both are there
-        centroids = _load_npy(out / "centroids.npy")
+        centroids = (out / "centroids.npy").read_npy()
         with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
             pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
             mixture = Mixture(centroids, z["gmm_prec_chol"], z["gmm_log_weights"]) if "gmm_log_weights" in z else None
@@ -87,9 +87,7 @@ def run_clustering(
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": fit["seconds"],
                "criteria": fit["criteria"], "criteria_seconds": fit.get("criteria_seconds")}
         (out / ".fit.json").write_json(fit)
-        buf = io.BytesIO()
-        np.save(buf, centroids)
-        (out / "centroids.npy").write_bytes(buf.getvalue())
+        (out / "centroids.npy").write_npy(centroids)
         buf = io.BytesIO()
         np.savez(buf, method=pre.method, spherical=spherical, **pre.arrays(),  # what the actors apply
                  **(mixture.arrays() if mixture is not None else {}))
@@ -143,10 +141,6 @@ def montage_ids(ids: np.ndarray, clusters: np.ndarray, dists: np.ndarray, k: int
         take = ids[order[starts[c] : min(ends[c], starts[c] + per_cluster)]]
         chosen[c, : len(take)] = take
     return chosen
-
-
-def _load_npy(f: Loc) -> np.ndarray:
-    return np.load(io.BytesIO(f.read_bytes()), allow_pickle=False)
 
 
 def montage(data, chosen: np.ndarray, path: Loc) -> None:
