@@ -197,6 +197,9 @@ def test_kmeans_sample_does_not_depend_on_the_order_blocks_arrive_in(ray_running
     b = _collect_sample(ray.data.from_arrow([blocks[i] for i in (3, 1, 0, 2)]), "pixels", 3, 15, seed=0)
     assert a.shape == (15, 3) and np.array_equal(a, b)
     assert np.all(np.diff(a[:, 0]) > 0)  # in id order
+    # the seeded trim of the 40 rows in id order: row i's pixels are all i / 255
+    kept = np.sort(np.random.default_rng(0).choice(40, 15, replace=False))
+    assert np.allclose(a, np.repeat(kept[:, None] / 255.0, 3, axis=1))
 
 
 def test_kmeans_sample_keeps_rows_by_id_whatever_the_blocks():

@@ -70,11 +70,21 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
     Ray Data returns the sample's blocks in the order its tasks finish, so the rows are put in
     id order before the seeded trim: the same seed gives the same sample, run after run."""
     blocks = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
-    x = np.concatenate([block_x(b, kind, dim) for b in blocks]) if blocks else np.zeros((0, dim), np.float32)
-    if blocks:
-        x = x[np.argsort(np.concatenate([b.column("id").to_numpy() for b in blocks]), kind="stable")]
-    if len(x) > sample:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), sample, replace=False))]
+    ids = np.concatenate([b.column("id").to_numpy() for b in blocks]) if blocks else np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")  # position in id order -> row of the blocks, concatenated
+    if len(ids) > sample:
+        order = order[np.sort(np.random.default_rng(seed).choice(len(ids), sample, replace=False))]
+    dest = np.full(len(ids), -1, np.int64)
+    dest[order] = np.arange(len(order))  # row of the blocks -> row of x (-1: trimmed)
+    # Each block converted and scattered into place, then dropped: memory is the float16 blocks,
+    # x and one float32 block (a concatenation, its id-order copy and the trim held 3 x's).
+    x = np.empty((len(order), dim), np.float32)
+    start = 0
+    while blocks:
+        b = blocks.pop(0)
+        to = dest[start : start + b.num_rows]
+        x[to[to >= 0]] = block_x(b, kind, dim)[to >= 0]
+        start += b.num_rows
     finite = np.isfinite(x)
     if not finite.all():
         raise UserError(f"embeddings contain {int((~finite).sum())} non-finite values (NaN/Inf) in "
