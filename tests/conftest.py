@@ -115,7 +115,11 @@ def untrained_checkpoint(tmp_path_factory, fake_dir) -> Path:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Ray's start made impossible: a check that ran after it fails with this error instead."""
+    """Ray's start made impossible: a check that ran after it fails with this error instead.
+    The environment is put back afterwards: the CLI's main() run in this process sets what a
+    user's own Ray would read (RAY_AUTH_MODE=token among them), and a Ray started later by
+    this process (test_faults' Cluster) would otherwise start its GCS with token auth that
+    this process's Ray client, set up before, does not send."""
     import ray
 
     def refuse(*a, **k):
@@ -123,3 +127,7 @@ def no_ray(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
