@@ -33,11 +33,8 @@ SPEC = ".embed-spec.json"  # what a partial output folder is being computed from
 # Parquet dictionary-encodes them and decoding then runs at ~144k rows/s of 256-d; plain pages
 # read ~1M rows/s. No statistics for them: min/max of every float16 element made writing a
 # 3,584-d shard 2.4x slower, and nothing filters on a vector's range (id keeps its statistics:
-# the montage's row-group pushdown uses them). No compression for them either: snappy saved 0.9%
-# of a real 256-d float16 shard and its decompression cut reads from ~720k to ~420k rows/s
-# (benchmarks/scale.py's layout); the small columns keep pyarrow's default, snappy.
-PARQUET_OPTIONS = {"use_dictionary": ["label", "split"], "write_statistics": ["id", "label", "split"],
-                   "compression": {"id": "snappy", "label": "snappy", "split": "snappy", "embedding": "none"}}
+# the montage's row-group pushdown uses them).
+PARQUET_OPTIONS = {"use_dictionary": ["label", "split"], "write_statistics": ["id", "label", "split"]}
 WRITE_ROWS = 8192  # images embedded per chunk; Parquet encodes a chunk while the next is embedded
 PROJECTION = "projection.npy"  # (E, dim) float32: stored vector = read-out @ basis
 CALIBRATION_SAMPLE = 2048  # images BatchNorm is re-estimated on; the projection is fitted on the same ones

@@ -92,21 +92,17 @@ def _read_units(batch, columns: list[str]):
 
 def block_x(table, kind: str, dim: int) -> np.ndarray:
     """A pyarrow block -> (B, dim) float32, without a Python object per row: the fixed-size
-    list's value buffer cast by Arrow (float16) or taken as it is (float32; read-only), or the
-    equal-sized binary column's data buffer reinterpreted as (B, dim) uint8 and scaled."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    list's (or the equal-sized binary column's) value buffer is reinterpreted in place."""
     n = table.num_rows
     if kind == "embedding":
         values = table.column("embedding").combine_chunks().flatten()  # (B * dim,) float16 or float32
-        # float16 -> float32 in Arrow's cast: 1.6x numpy's astype (0.09 against 0.14 s per 131k x 256)
-        return pc.cast(values, pa.float32()).to_numpy().reshape(n, dim)
-    # raw uint8 images, all of one size: the data buffer between the first and last offset
-    col = table.column("image").combine_chunks()
-    offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset : col.offset + n + 1]
-    x = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(n, dim)
-    return x.astype(np.float32) * np.float32(1 / 255.0)
+        x = values.to_numpy(zero_copy_only=False).reshape(n, dim)
+    else:  # raw uint8 images, all of one size: the data buffer between the first and last offset
+        col = table.column("image").combine_chunks()
+        offsets = np.frombuffer(col.buffers()[1], np.int32)[col.offset : col.offset + n + 1]
+        x = np.frombuffer(col.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].reshape(n, dim)
+        return x.astype(np.float32) * np.float32(1 / 255.0)
+    return x.astype(np.float32, copy=False)
 
 
 def block_labels(table) -> np.ndarray:
