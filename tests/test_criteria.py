@@ -39,7 +39,11 @@ def test_stability_refuses_too_few_points_and_criteria_reports_nan():
     assert np.isnan(criteria(x, c, 10)["stability"])
 
 
-def test_silhouette_and_davies_bouldin_are_scikit_learns_on_the_drawn_sample():
+def test_silhouette_and_davies_bouldin_are_scikit_learns_on_the_drawn_sample(monkeypatch):
+    import distgan.cluster.criteria as crit
+
+    # silhouette's distances in chunks of 1 MiB (~130 of the 1,000 rows each), not one block
+    monkeypatch.setattr(crit, "SILHOUETTE_MEMORY_MIB", 1)
     x, _ = _blobs(5, n_per=200, seed=3)
     c = K.search(K.kmeans(x, 5, niter=20, nredo=5).index, x)[0]
     got = criteria(x, c, 5, seed=7, sample=400)
