@@ -26,9 +26,25 @@ from .common import write_results
 DIM, COMPONENTS, CLASSES, SHARD = 256, 1000, 10, 500_000
 
 
+def mixture_block(rng, centres: np.ndarray, start: int, m: int):
+    """m rows (ids from `start`) of the mixture around `centres` (COMPONENTS, DIM), as a
+    pyarrow table in distgan's embedding layout."""
+    import pyarrow as pa
+
+    comp = rng.integers(0, COMPONENTS, m)
+    x = (centres[comp] + rng.normal(0, 0.35, (m, DIM)).astype(np.float32)).astype(np.float16)
+    return pa.table({"id": pa.array(np.arange(start, start + m), pa.int64()),
+                     "label": pa.array((comp // (COMPONENTS // CLASSES)).astype(np.int32)),
+                     "split": pa.array(["train"] * m),
+                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
+
+
+def mixture_centres(rng) -> np.ndarray:
+    return rng.normal(0, 1, (COMPONENTS, DIM)).astype(np.float32)
+
+
 def generate(n: int, out: Path, seed: int = 0) -> Path:
     """Embeddings in distgan's embedding layout, written shard by shard (memory: one shard)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from distgan.embed import PARQUET_OPTIONS
@@ -37,16 +53,10 @@ def generate(n: int, out: Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1, (COMPONENTS, DIM)).astype(np.float32)  # same mixture at every size
+    centres = mixture_centres(rng)  # same mixture at every size
     shards = []
     for i, start in enumerate(range(0, n, SHARD)):
-        m = min(SHARD, n - start)
-        comp = rng.integers(0, COMPONENTS, m)
-        x = (centres[comp] + rng.normal(0, 0.35, (m, DIM)).astype(np.float32)).astype(np.float16)
-        t = pa.table({"id": pa.array(np.arange(start, start + m), pa.int64()),
-                      "label": pa.array((comp // (COMPONENTS // CLASSES)).astype(np.int32)),
-                      "split": pa.array(["train"] * m),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
+        t = mixture_block(rng, centres, start, min(SHARD, n - start))
         name = f"emb-{i:05d}.parquet"
         pq.write_table(t, out / name, row_group_size=65536, **PARQUET_OPTIONS)  # as `distgan embed` writes
         shards.append(name)
