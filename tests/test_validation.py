@@ -131,6 +131,24 @@ def test_cluster_flags(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     _refused(capsys, ["cluster", "--pixels", str(fake_dir), "--out", str(out), *flags], expect, out)
 
 
+def test_cluster_manifold_umap_is_looked_for_not_imported(no_ray, capsys, fake_dir, tmp_path, monkeypatch):
+    """The driver only checks that umap-learn is installed (importing it costs 139 MiB and
+    1.1 s of numba); a missing one is one line before Ray starts."""
+    import importlib.util
+    import sys
+
+    from distgan.cluster.distributed import check_request
+
+    monkeypatch.delitem(sys.modules, "umap", raising=False)
+    assert check_request(400, 5, 0, manifold="umap") == 400
+    assert "umap" not in sys.modules
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "umap" else real(name, *a))
+    out = tmp_path / "c"
+    _refused(capsys, ["cluster", "--pixels", str(fake_dir), "--out", str(out), "--k", "5", "--manifold", "umap"],
+             "--manifold umap needs umap-learn: pip install umap-learn", out)
+
+
 def test_cluster_with_checkpoint_checks_k_before_embedding(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path):
     out = tmp_path / "c"
     _refused(capsys, ["cluster", "--checkpoint", str(untrained_checkpoint), "--data", str(fake_dir), "--k", "401",
