@@ -248,7 +248,18 @@ def sample_rows(path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         images.append(decode_images(t["image"].take(take).to_pylist(), m["resolution"], m["channels"]))
         labels.append(_column_numpy(t["label"].take(take)))
         got += len(take)
+    release_arrow_memory()
     return np.concatenate(images), np.concatenate(labels)
+
+
+def release_arrow_memory() -> None:
+    """Give back to the OS what Arrow's allocator kept from reads that are over. Its default
+    pool (mimalloc) keeps freed pages for reuse, so a driver that read whole shards once for a
+    few rows carries them to the end of the run: the 2,048 calibration images of 200k (20
+    shards) left 86 MiB behind, most of the pipeline driver's peak that came from reading."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def read_images_by_id(path, ids: np.ndarray) -> dict[int, bytes]:
@@ -279,6 +290,7 @@ def read_images_by_id(path, ids: np.ndarray) -> dict[int, bytes]:
                 found.update(zip(t["id"].to_pylist(), t["image"].to_pylist()))
         if len(found) == len(wanted):
             break
+    release_arrow_memory()
     return found
 
 
