@@ -28,15 +28,13 @@ DIM, COMPONENTS, CLASSES, SHARD = 256, 1000, 10, 500_000
 
 def mixture_block(rng, centres: np.ndarray, start: int, m: int):
     """m rows (ids from `start`) of the mixture around `centres` (COMPONENTS, DIM), as a
-    pyarrow table in distgan's embedding layout."""
-    import pyarrow as pa
+    pyarrow table in distgan's embedding layout (the table `distgan embed` writes)."""
+    from distgan.embed import _table
 
     comp = rng.integers(0, COMPONENTS, m)
     x = (centres[comp] + rng.normal(0, 0.35, (m, DIM)).astype(np.float32)).astype(np.float16)
-    return pa.table({"id": pa.array(np.arange(start, start + m), pa.int64()),
-                     "label": pa.array((comp // (COMPONENTS // CLASSES)).astype(np.int32)),
-                     "split": pa.array(["train"] * m),
-                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)})
+    return _table(np.arange(start, start + m), (comp // (COMPONENTS // CLASSES)).astype(np.int32),
+                  np.array(["train"] * m, object), x)
 
 
 def mixture_centres(rng) -> np.ndarray:
@@ -49,7 +47,7 @@ def generate(n: int, out: Path, seed: int = 0) -> Path:
 
     from distgan.embed import PARQUET_OPTIONS
 
-    if (out / "embeddings.json").is_file() and json.loads((out / "embeddings.json").read_text()).get("layout") == 2:
+    if (out / "embeddings.json").is_file() and json.loads((out / "embeddings.json").read_text()).get("layout") == 3:
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -62,7 +60,7 @@ def generate(n: int, out: Path, seed: int = 0) -> Path:
         shards.append(name)
     (out / "embeddings.json").write_text(json.dumps({
         "count": n, "dim": DIM, "dtype": "float16", "arch": "synthetic", "features": "gaussian-mixture", "step": 0,
-        "shards": shards, "data": None, "layout": 2}))
+        "shards": shards, "data": None, "layout": 3}))  # 3: vectors declared non-nullable
     return out
 
 

@@ -159,16 +159,25 @@ def load_embedder(checkpoint: str, data: str, calibrate: int = CALIBRATION_SAMPL
 
 
 def _table(ids, labels, splits, emb: np.ndarray):
+    """One output chunk: id, label (null where unknown), split, and the (n, E) vectors as a
+    fixed-size list column. The vectors and their elements are declared non-nullable (they
+    never are null): Parquet then stores no definition level per element, which made an
+    8,192-row chunk write 1.3x faster and a shard read 1.5-1.6x faster, 256- and 3,584-d
+    (benchmarks/read_path.py). Readers see the same fixed_size_list<halffloat> (pandas: one
+    numpy array per row)."""
     import pyarrow as pa
 
     n, e = emb.shape
-    flat = pa.array(emb.reshape(-1), pa.float16() if emb.dtype == np.float16 else pa.float32())
-    return pa.table({
-        "id": pa.array(ids, pa.int64()),
-        "label": pa.array(labels, pa.int32(), mask=np.asarray(labels) < 0),
-        "split": pa.array(splits, pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, e),
-    })
+    item = pa.float16() if emb.dtype == np.float16 else pa.float32()
+    vector = pa.list_(pa.field("item", item, nullable=False), e)
+    schema = pa.schema([pa.field("id", pa.int64()), pa.field("label", pa.int32()), pa.field("split", pa.string()),
+                        pa.field("embedding", vector, nullable=False)])
+    return pa.Table.from_arrays([
+        pa.array(ids, pa.int64()),
+        pa.array(labels, pa.int32(), mask=np.asarray(labels) < 0),
+        pa.array(splits, pa.string()),
+        pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), item), type=vector),
+    ], schema=schema)
 
 
 def embed_dataset(

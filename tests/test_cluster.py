@@ -282,7 +282,9 @@ def test_embedding_with_two_actors_equals_single_process(embedded, untrained_che
 
     out, m = embedded
     t = pq.read_table(sorted(out.glob("*.parquet"))).sort_by("id")  # pyarrow reads a list of files
-    assert t.schema.field("embedding").type == pa.list_(pa.float32(), m["dim"])
+    vec = t.schema.field("embedding")  # fixed-size float32 lists, declared non-nullable (no per-element levels)
+    assert pa.types.is_fixed_size_list(vec.type) and vec.type.list_size == m["dim"]
+    assert vec.type.value_type == pa.float32() and not vec.type.value_field.nullable and not vec.nullable
     a = read_arrays(fake_dir)
     order = np.argsort(a["id"])
     D, _ = load_embedder(untrained_checkpoint, fake_dir)
@@ -615,3 +617,22 @@ def test_gmm_method_runs_in_the_fit_task_and_the_actors_and_resumes(ray_running,
     shutil.rmtree(tmp_path / "g" / "assignments")
     again = K.run_clustering(_features(x, y), tmp_path / "g", **kw)
     assert again["resumed"] and (_assignments(tmp_path / "g")["cluster"].to_numpy() == c).all()
+
+
+def test_units_of_older_nullable_shards_read_beside_new_ones(tmp_path):
+    """Shards written before the vectors were declared non-nullable, beside newer ones (an
+    embedding folder resumed across versions), still come back as one block."""
+    import pyarrow.parquet as pq
+
+    from distgan.cluster.features import _read_units, block_x
+    from distgan.embed import _table
+
+    x = np.arange(12, dtype=np.float16).reshape(3, 4)
+    new = _table(np.arange(3), np.zeros(3, np.int32), np.array(["train"] * 3, object), x)
+    old = new.set_column(3, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1) + 1), 4))
+    assert not new.schema.equals(old.schema)
+    pq.write_table(new, tmp_path / "a.parquet")
+    pq.write_table(old, tmp_path / "b.parquet")
+    batch = pa.table({"file": [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], "first": [0, 0], "last": [0, 0]})
+    got = _read_units(batch, ["id", "label", "embedding"])
+    assert np.array_equal(block_x(got, "embedding", 4), np.concatenate([x, x + 1]).astype(np.float32))

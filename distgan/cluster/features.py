@@ -86,8 +86,10 @@ def read_unit(file: str, first: int, last: int, columns: list[str]):
 def _read_units(batch, columns: list[str]):
     import pyarrow as pa
 
+    # permissive: shards written before the vectors were declared non-nullable may sit beside newer ones
     return pa.concat_tables([read_unit(f.as_py(), first.as_py(), last.as_py(), columns)
-                             for f, first, last in zip(batch["file"], batch["first"], batch["last"])])
+                             for f, first, last in zip(batch["file"], batch["first"], batch["last"])],
+                            promote_options="permissive")
 
 
 def block_x(table, kind: str, dim: int) -> np.ndarray:
