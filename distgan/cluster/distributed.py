@@ -83,7 +83,8 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
     while blocks:
         b = blocks.pop(0)
         to = dest[start : start + b.num_rows]
-        x[to[to >= 0]] = block_x(b, kind, dim)[to >= 0]
+        kept = to >= 0
+        x[to[kept]] = block_x(b, kind, dim)[kept]
         start += b.num_rows
     finite = np.isfinite(x)
     if not finite.all():
