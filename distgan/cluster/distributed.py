@@ -94,19 +94,29 @@ def _collect_sample(ds, kind: str, dim: int, sample: int, seed: int) -> np.ndarr
     return x
 
 
-def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim: int, niter: int, nredo: int,
-         spherical: bool, sample: int, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10,
+def _draw_sample(features: Features, sample: int, seed: int) -> np.ndarray:
+    """The Ray task that draws the k-means sample, (sample, dim) float32. Ray Data runs from here,
+    not from the driver, because a task's small results live in the heap of the process that
+    submitted it: at 10M points each read task keeps ~110 rows (56 KB of 256-d float16, under
+    Ray's 100 KiB inline limit), so the 1,000 blocks sat in the driver (+~90 MiB) and were copied
+    again into the fit task's argument (a 59 MB pickle). Here they die with this worker (max_calls=1)."""
+    if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
+        skip_progress_notice()
+    return _collect_sample(sample_dataset(features, sample, seed), features.kind, features.dim, sample, seed)
+
+
+def _fit(x: np.ndarray, ks: tuple[int, ...], preprocess: str, pca_dim: int, niter: int, nredo: int,
+         spherical: bool, seed: int, gpus: int, manifold: str = "none", manifold_dim: int = 10,
          method: str = "kmeans") -> dict:
-    """The Ray task: sample -> preprocessing (-> UMAP on a sample) -> faiss k-means (or a Gaussian
-    mixture) for each k in ks, each with its label-free criteria (criteria.py) on the sample.
-    Returns plain arrays (and a Mixture of arrays per k with method gmm)."""
+    """The Ray task: the sample x (n, dim) -> preprocessing (-> UMAP on a sample) -> faiss k-means
+    (or a Gaussian mixture) for each k in ks, each with its label-free criteria (criteria.py) on
+    the sample. Returns plain arrays (and a Mixture of arrays per k with method gmm)."""
     from .criteria import CRITERIA_SAMPLE, criteria
 
     threads = set_faiss_threads()
     if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
         skip_progress_notice()
     t = time.perf_counter()
-    x = _collect_sample(ds, kind, dim, sample, seed)
     gpu = gpus if gpus else False
     pre, km, z = fit_sample(x, ks[0], preprocess, pca_dim, niter, nredo, spherical, seed, gpu, manifold, manifold_dim,
                             method)
@@ -128,15 +138,20 @@ def _fit(ds, kind: str, dim: int, ks: tuple[int, ...], preprocess: str, pca_dim:
 def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int, niter: int, nredo: int, spherical: bool,
                sample: int, seed: int, gpus: int = 0, manifold: str = "none",
                manifold_dim: int = 10, method: str = "kmeans") -> tuple[dict, Preprocess, dict]:
-    """Draw the sample with Ray Data, then run `_fit` in a fresh worker process (max_calls=1:
-    no OpenMP state left by torch in a reused worker) with all of one node's CPUs, or
-    `gpus` GPUs of one node. Returns ({k: {"centroids", "criteria"}}, pre, the task's summary)."""
+    """Draw the sample in one Ray task (`_draw_sample`: Ray Data's reads spread over the
+    cluster), then run `_fit` on it in a fresh worker process (max_calls=1: no OpenMP state left
+    by torch in a reused worker) with all of one node's CPUs, or `gpus` GPUs of one node. The
+    sample goes from one to the other through the object store; the driver holds its ref only.
+    Returns ({k: {"centroids", "criteria"}}, pre, the task's summary)."""
     import ray
 
-    ds = sample_dataset(features, sample, seed)  # before the task takes the node's CPUs
+    # num_cpus=0: it only coordinates (its read tasks ask for CPUs), so it never waits for a CPU
+    # that its own reads need; it runs before the fit task takes the node's CPUs.
+    x = ray.remote(max_calls=1)(_draw_sample).options(num_cpus=0).remote(features, sample, seed)
+    ray.wait([x], fetch_local=False)
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
-    r = ray.get(task.remote(ds, features.kind, features.dim, tuple(ks), preprocess, pca_dim, niter, nredo, spherical,
-                            sample, seed, gpus, manifold, manifold_dim, method))
+    r = ray.get(task.remote(x, tuple(ks), preprocess, pca_dim, niter, nredo, spherical, seed, gpus, manifold,
+                            manifold_dim, method))
     return r.pop("fits"), r.pop("pre"), r
 
 
