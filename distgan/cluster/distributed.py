@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -147,7 +148,9 @@ def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int,
 
     # num_cpus=0: it only coordinates (its read tasks ask for CPUs), so it never waits for a CPU
     # that its own reads need; it runs before the fit task takes the node's CPUs.
-    x = ray.remote(max_calls=1)(_draw_sample).options(num_cpus=0).remote(features, sample, seed)
+    # without `batches`: the in-process reader's closure holds resolved filesystems (credentials
+    # stay on each node: the task resolves the URIs itself) or, for in-memory features, the arrays
+    x = ray.remote(max_calls=1)(_draw_sample).options(num_cpus=0).remote(replace(features, batches=None), sample, seed)
     ray.wait([x], fetch_local=False)
     task = ray.remote(max_calls=1)(_fit).options(num_cpus=max(1, int(largest_node("CPU"))), num_gpus=gpus)
     r = ray.get(task.remote(x, tuple(ks), preprocess, pca_dim, niter, nredo, spherical, seed, gpus, manifold,
