@@ -101,6 +101,9 @@ def _draw_sample(features: Features, sample: int, seed: int) -> np.ndarray:
     submitted it: at 10M points each read task keeps ~110 rows (56 KB of 256-d float16, under
     Ray's 100 KiB inline limit), so the 1,000 blocks sat in the driver (+~90 MiB) and were copied
     again into the fit task's argument (a 59 MB pickle). Here they die with this worker (max_calls=1)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # as on the driver (init_ray): its own bars only
     if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
         skip_progress_notice()
     return _collect_sample(sample_dataset(features, sample, seed), features.kind, features.dim, sample, seed)
