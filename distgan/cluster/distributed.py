@@ -14,15 +14,12 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import UserError
-from ..data import QUIET, actor_cpus, actor_threads, largest_node, skip_progress_notice
+from ..data import actor_cpus, actor_threads, largest_node, ray_data_console
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
 from .fit import Mixture, Preprocess, centroid_index, fit_clusters, fit_sample, restarts, search  # noqa: F401
 from .metrics import contingency
-
-QUIET_KEY = next(iter(QUIET))  # in a worker's environment when the driver is quiet
-
 
 def default_sample(count: int, k: int) -> int:
     """k-means sample when --sample is not given: every point up to 100k, else 256 per
@@ -101,11 +98,7 @@ def _draw_sample(features: Features, sample: int, seed: int) -> np.ndarray:
     submitted it: at 10M points each read task keeps ~110 rows (56 KB of 256-d float16, under
     Ray's 100 KiB inline limit), so the 1,000 blocks sat in the driver (+~90 MiB) and were copied
     again into the fit task's argument (a 59 MB pickle). Here they die with this worker (max_calls=1)."""
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # as on the driver (init_ray): its own bars only
-    if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
-        skip_progress_notice()
+    ray_data_console()  # as the driver's (init_ray): no Ray Data bars, quiet when it is
     return _collect_sample(sample_dataset(features, sample, seed), features.kind, features.dim, sample, seed)
 
 
@@ -118,8 +111,6 @@ def _fit(x: np.ndarray, ks: tuple[int, ...], preprocess: str, pca_dim: int, nite
     from .criteria import CRITERIA_SAMPLE, criteria
 
     threads = set_faiss_threads()
-    if os.environ.get(QUIET_KEY):  # the driver is quiet (not --verbose): so is this task
-        skip_progress_notice()
     t = time.perf_counter()
     gpu = gpus if gpus else False
     pre, km, z = fit_sample(x, ks[0], preprocess, pca_dim, niter, nredo, spherical, seed, gpu, manifold, manifold_dim,

@@ -6,5 +6,5 @@ from .prepared import (  # noqa: F401
     COLUMNS, MANIFEST, actor_cpus, actor_threads, largest_node, batch_to_tensors, decode_images, open_dataset, prepare,
     SAMPLE_PER_SHARD, read_arrays, read_images_by_id, read_manifest, sample_rows, save_grid, shard_paths, to_device, to_float, to_uint8,
 )
-from .raystart import QUIET, RAY_DEFAULTS, init_ray, local_ray_on_loopback, ray_defaults, set_console, skip_progress_notice, start_local_ray  # noqa: F401
+from .raystart import QUIET, RAY_DEFAULTS, init_ray, local_ray_on_loopback, ray_defaults, ray_data_console, set_console, start_local_ray  # noqa: F401
 from .sources import FAKE_CHUNK, SOURCES, center_crop_resize, check_resolution, fit_resolution, get_source, make_fake  # noqa: F401

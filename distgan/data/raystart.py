@@ -60,12 +60,18 @@ def ray_defaults() -> dict:
     return {k: os.environ[k] for k in RAY_DEFAULTS}
 
 
-def skip_progress_notice() -> None:
-    """Ray Data warns once per process that its progress bars are off (distgan turns them
-    off and prints its own): mark that notice as given, through Ray's own once-only log."""
+def ray_data_console(quiet: bool | None = None) -> None:
+    """Ray Data's console in a process that runs it (the driver; a task that drives Ray Data
+    itself, as the k-means sample's does): its per-operator progress bars off (distgan prints
+    its own), and, when quiet, the notice it warns once per process that they are off marked
+    as given, through Ray's own once-only log. quiet None: a worker's, from the QUIET variables
+    the driver hands every worker when it is quiet."""
+    import ray.data
     from ray.util.debug import log_once
 
-    log_once("ray_data_progress_manager_disabled")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if quiet if quiet is not None else bool(os.environ.get(next(iter(QUIET)))):
+        log_once("ray_data_progress_manager_disabled")
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -84,14 +90,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     # Ray Data's per-operator progress bars flood a terminal that also shows training
     # progress; distgan prints its own (the setting travels with each Dataset).
-    import ray.data
-
     from .. import faults
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
     quiet = not _console["verbose"]
-    if quiet:
-        skip_progress_notice()
+    ray_data_console(quiet)
     env_vars = {k: os.environ[k] for k in QUIET if quiet and k in os.environ}
     env_vars |= ray_defaults()
     env_vars |= (faults.runtime_env() or {}).get("env_vars", {})  # a test's injected fault reaches every worker
