@@ -22,7 +22,7 @@ import torch
 from . import config as C
 from . import faults
 from .config import Config, UserError
-from .data import decode_images, open_dataset, read_manifest, save_grid, to_device, to_uint8
+from .data import decode_images, open_dataset, ray_data_console, read_manifest, save_grid, to_device, to_uint8
 from .models import STATE_FILE, build_discriminator, build_generator, load_state, resolve_amp, unwrap
 from .storage import Loc, check_access, in_fs, loc, upload_dir
 from .faults import FAULT_ENV, fault_at, slow_down  # noqa: F401  (FAULT_ENV re-exported for the tests)
@@ -438,11 +438,10 @@ def build_trainer(cfg: Config, storage: str, name: str, callbacks=None, evaluato
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    import ray.data
-
     where = loc(storage)
-    # Ray Data's per-operator bars would flood the console next to distgan's progress line.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data's per-operator bars would flood the console next to distgan's progress line (also
+    # in a Tune trial's driver_fn, a worker that init_ray never ran in).
+    ray_data_console()
     dataset = open_dataset(cfg.data.path, cfg.data.split, seed=cfg.train.seed)
     run_dir = (where / name).uri
     return TorchTrainer(
