@@ -59,10 +59,10 @@ def _gray(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
 VIEW_AUGMENTS = {"crop": _crop, "flip": _flip, "gray": _gray, **DIFF_AUGMENTS}
 
 
-def augment_views(x: torch.Tensor, names: list[str]) -> torch.Tensor:
+def augment_views(x: torch.Tensor, names: list[str], crop_scale: float = 0.4) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> the same shape, each image its own random draw of every op."""
     for name in names:
-        x = VIEW_AUGMENTS[name](x)
+        x = _crop(x, scale=(crop_scale, 1.0)) if name == "crop" else VIEW_AUGMENTS[name](x)
     return x
 
 
@@ -76,7 +76,7 @@ def contrastive_d_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 
     obj, n = cfg.objective, real.shape[0]
     with torch.no_grad(), autocast(real.device, nets.amp):
         fake = nets.G(sample_z(n, cfg.model.z_dim, real.device)).float()
-    views = augment_views(torch.cat([real, real, fake]), view_augments(obj.augment, real.shape[1]))  # (3N, C, H, W)
+    views = augment_views(torch.cat([real, real, fake]), view_augments(obj.augment, real.shape[1]), obj.crop_scale)  # (3N, C, H, W)
     with autocast(real.device, nets.amp):
         logits, proj, proj_fake = nets.D(views, train=True)  # (3N,), (3N, P), (3N, P)
     logits = logits.float()
@@ -115,7 +115,7 @@ def autoencoder_step(nets: Nets, real: torch.Tensor, cfg: Config, step: int = 0)
 
 
 def _contrastive_g_augment(cfg: Config, x: torch.Tensor) -> torch.Tensor:
-    return augment_views(x, view_augments(cfg.objective.augment, x.shape[1]))
+    return augment_views(x, view_augments(cfg.objective.augment, x.shape[1]), cfg.objective.crop_scale)
 
 
 def steps_for(cfg: Config):
