@@ -80,6 +80,19 @@ def test_auto_views_have_no_flips_or_colour_on_grayscale():
     assert augment_views(torch.zeros(2, 1, 32, 32), ["crop", "cutout"]).shape == (2, 1, 32, 32)
 
 
+def test_crop_scale_sets_how_small_a_crop_may_be():
+    # A horizontal ramp from -1 to 1: a crop keeping a fraction w of the width spans ~2w of the
+    # ramp, so each view's value range measures its crop's width. Whole-area crops (scale 1) keep
+    # at least sqrt(3/4) of the width (aspect 3/4..4/3); scale 0.05 may keep a quarter of it.
+    torch.manual_seed(0)
+    ramp = torch.linspace(-1, 1, 32).expand(512, 1, 32, 32).contiguous()
+    span = lambda scale: (lambda v: v.amax(dim=(1, 2, 3)) - v.amin(dim=(1, 2, 3)))(augment_views(ramp, ["crop"], scale))  # noqa: E731
+    assert span(1.0).min() > 1.6
+    assert (span(0.05) < 1.0).float().mean() > 0.1
+    with pytest.raises(C.UserError, match="crop_scale"):
+        C.load(None, {"objective.crop_scale": 0})
+
+
 def test_rotations_are_the_ones_labelled():
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
     xr, turns = _rotated(x)
