@@ -54,7 +54,7 @@ class ObjectiveConfig:
     fake_weight: float = 1.0  # weight of the fakes-vs-reals supervised-contrastive loss (ContraD's lambda)
     rotation_weight: float = 1.0  # D's rotation loss on reals (SS-GAN's beta)
     rotation_g_weight: float = 0.2  # G's rotation loss on fakes (SS-GAN's alpha)
-    augment: str = "auto"  # the contrastive views: comma list of crop,flip,color,gray,translation,cutout; auto = by channels
+    augment: str = "auto"  # the contrastive views: comma list of crop,flip,color,gray,intensity,translation,cutout; auto = by channels
     crop_scale: float = 0.4  # smallest area a crop keeps, as a fraction of the image (SimCLR: 0.08; ContraD: 0.2 on CIFAR)
 
 
@@ -280,7 +280,7 @@ LOSSES = ("ns", "hinge", "wgan-gp", "lsgan")
 AUGMENTS = ("translation", "cutout", "color")
 PREPROCESS = ("none", "l2", "pca", "pca-whiten")
 OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
-VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "translation", "cutout")
+VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "intensity", "translation", "cutout")
 COLOUR_AUGMENTS = ("color", "gray")  # mean nothing on one channel
 MANIFOLDS = ("none", "umap")
 CLUSTER_METHODS = ("kmeans", "gmm")  # cluster/fit.py
@@ -425,7 +425,7 @@ def validate_for_data(cfg: Config) -> None:
     colour = [a for a in view_augments(obj.augment, m.channels) if a in COLOUR_AUGMENTS]
     if obj.name == "contrastive" and colour and m.channels != 3:
         raise UserError(f"objective.augment has {', '.join(colour)} but the data has {m.channels} channel(s); "
-                        "colour augmentations need RGB data (use crop,translation,cutout on grayscale)")
+                        "colour augmentations need RGB data (use crop,intensity,translation,cutout on grayscale)")
 
 
 def view_augments(spec: str, channels: int) -> list[str]:

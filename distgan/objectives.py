@@ -56,7 +56,11 @@ def _gray(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
     return torch.where(pick, luma.expand_as(x), x)
 
 
-VIEW_AUGMENTS = {"crop": _crop, "flip": _flip, "gray": _gray, **DIFF_AUGMENTS}
+# intensity: DiffAugment's brightness and contrast without saturation, the part of colour jitter
+# that means something on one channel (SimCLR's colour distortion stops a view matching its
+# partner by histogram alone; on grayscale the histogram is the intensities).
+VIEW_AUGMENTS = {"crop": _crop, "flip": _flip, "gray": _gray, "intensity": partial(DIFF_AUGMENTS["color"], saturation=False),
+                 **DIFF_AUGMENTS}
 
 
 def augment_views(x: torch.Tensor, names: list[str], crop_scale: float = 0.4) -> torch.Tensor:

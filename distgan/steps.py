@@ -47,11 +47,11 @@ class Nets:
 # D sees (real and fake, in both steps), so D cannot overfit a small dataset.
 
 
-def _color(x):
+def _color(x, saturation: bool = True):
     n = x.shape[0]
     x = x + (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) - 0.5)  # brightness
     mean = x.mean(dim=1, keepdim=True)
-    if x.shape[1] > 1:  # saturation only means something with colour channels
+    if saturation and x.shape[1] > 1:  # saturation only means something with colour channels
         x = (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) * 2) + mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     return (x - mean) * (torch.rand(n, 1, 1, 1, device=x.device, dtype=x.dtype) + 0.5) + mean  # contrast

@@ -66,7 +66,7 @@ def test_view_augmentations_keep_shape_range_and_gradient(name):
     x = (torch.rand(6, 3, 32, 32) * 2 - 1).requires_grad_(True)
     y = VIEW_AUGMENTS[name](x)
     assert y.shape == x.shape
-    if name != "color":  # DiffAugment's colour jitter shifts brightness by design
+    if name not in ("color", "intensity"):  # DiffAugment's colour jitter shifts brightness by design
         assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -78,6 +78,18 @@ def test_auto_views_have_no_flips_or_colour_on_grayscale():
     assert C.view_augments("auto", 1) == ["crop", "cutout"]
     assert set(C.view_augments("auto", 3)) >= {"flip", "color"}
     assert augment_views(torch.zeros(2, 1, 32, 32), ["crop", "cutout"]).shape == (2, 1, 32, 32)
+
+
+def test_intensity_jitter_changes_a_grayscale_view_and_colour_is_refused_there():
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 32, 32) * 2 - 1
+    y = augment_views(x, ["intensity"])
+    assert not torch.allclose(y.mean(dim=(1, 2, 3)), x.mean(dim=(1, 2, 3)), atol=0.05)  # brightness moved
+    assert not torch.allclose(y.std(dim=(1, 2, 3)), x.std(dim=(1, 2, 3)), rtol=0.05)  # contrast moved
+    gray = {"objective.name": "contrastive", "model.channels": 1}
+    C.validate_for_data(C.load(None, {**gray, "objective.augment": "crop,intensity"}))
+    with pytest.raises(C.UserError, match="RGB"):
+        C.validate_for_data(C.load(None, {**gray, "objective.augment": "crop,color"}))
 
 
 def test_crop_scale_sets_how_small_a_crop_may_be():
