@@ -22,7 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .config import Config, view_augments
+from .config import Config, ObjectiveConfig, view_augments
 from .losses import get_loss, nt_xent, supcon_fake
 from .models import autocast
 from .steps import AUGMENTS as DIFF_AUGMENTS
@@ -63,7 +63,7 @@ VIEW_AUGMENTS = {"crop": _crop, "flip": _flip, "gray": _gray, "intensity": parti
                  **DIFF_AUGMENTS}
 
 
-def augment_views(x: torch.Tensor, names: list[str], crop_scale: float = 0.4) -> torch.Tensor:
+def augment_views(x: torch.Tensor, names: list[str], crop_scale: float = ObjectiveConfig.crop_scale) -> torch.Tensor:
     """(N, C, H, W) in [-1, 1] -> the same shape, each image its own random draw of every op."""
     for name in names:
         x = _crop(x, scale=(crop_scale, 1.0)) if name == "crop" else VIEW_AUGMENTS[name](x)
