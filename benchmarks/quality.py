@@ -21,6 +21,7 @@ seeds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -91,6 +92,17 @@ def train(dataset: str, data: Path, model: str, minutes: float, seed: int, tmp: 
     return r.checkpoint, {"steps": r.step, "minutes": round((time.perf_counter() - t) / 60, 1)}
 
 
+RECIPE = ("model", "loss", "objective", "optim")  # what a row trained with, beside data.batch_size
+
+
+def recipe(cfg: dict) -> str:
+    """A short digest of the training recipe in a checkpoint's config: two rows whose --set
+    flags read the same but whose shipped config differed (a default changed between sittings)
+    stay two rows."""
+    r = {k: cfg[k] for k in RECIPE} | {"batch_size": cfg["data"]["batch_size"]}
+    return hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str] = (),
             checkpoint: str | None = None, methods: tuple[str, ...] = ("kmeans", "gmm")) -> list[dict]:
     from distgan.data import decode_images, init_ray, prepare, read_arrays, read_manifest
@@ -123,6 +135,9 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
     images = decode_images(a["image"], m["resolution"], m["channels"])
     label = "random init" if model == "random" else f"{minutes:g} min, {reached['steps']} steps, seed {seed}"
     label += "".join(f", {s}" for s in sets)
+    if model != "random":
+        base["recipe"] = recipe(state["config"])
+        label += f", recipe {base['recipe']}"
     for readout, preprocess in READOUTS:
         x = embed_images(D, images, "multi", readout, batch_size=256)
         for manifold, method in variants:
@@ -134,7 +149,7 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
 
 
 def _key(r: dict) -> tuple:
-    return (r["dataset"], r["model"], r.get("minutes", 0), r.get("seed", 0), r.get("sets", ""),
+    return (r["dataset"], r["model"], r.get("minutes", 0), r.get("seed", 0), r.get("sets", ""), r.get("recipe", ""),
             r["read-out"].split(" ")[0], r["manifold"], r.get("method", "kmeans"))
 
 
