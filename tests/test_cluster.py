@@ -385,7 +385,7 @@ def test_fit_projection_spans_the_top_singular_directions():
     np.testing.assert_allclose(b @ b.T, v @ v.T, atol=1e-4)
     np.testing.assert_allclose(b.T @ b, np.eye(60), atol=1e-5)
     # the same basis, signs included, whatever order the sample's rows came in
-    np.testing.assert_allclose(fit_projection(w[rng.permutation(120)], 60), b, atol=1e-5)
+    np.testing.assert_allclose(fit_projection(w[rng.permutation(120)], 60), b, atol=1e-3)  # float32 rounding; a flip is ~0.1
 
 
 def test_embed_dim_0_or_a_narrow_read_out_stores_it_whole(ray_running, untrained_checkpoint, fake_dir, tmp_path):
