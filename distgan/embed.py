@@ -124,17 +124,18 @@ def fit_projection(x: np.ndarray, dim: int) -> np.ndarray:
     last directions.
     Signs fixed (each column's largest entry positive), so a refit gives the same basis."""
     from scipy.linalg import eigh
+    from sklearn.utils.extmath import svd_flip
 
     x = np.asarray(x, np.float32)
     n, e = x.shape
     d = min(dim, n, e)
     wide = n < e
     g = x @ x.T if wide else x.T @ x  # float32 throughout: float64 doubled the eigensolver's time
-    w, u = eigh(g, subset_by_index=[len(g) - d, len(g) - 1])  # ascending
-    w, u = w[::-1], u[:, ::-1]
-    v = x.T @ u / np.sqrt(np.maximum(w, 1e-30)) if wide else u  # (E, d)
-    v, _ = np.linalg.qr(v)  # exactly orthonormal where a tiny singular value cost precision
-    v *= np.sign(v[np.abs(v).argmax(axis=0), np.arange(d)])
+    w, v = eigh(g, subset_by_index=[len(g) - d, len(g) - 1])  # ascending
+    w, v = w[::-1], v[:, ::-1]
+    if wide:  # v = xᵀu / s (E, d), re-orthonormalised where a tiny singular value cost precision
+        v = np.linalg.qr(x.T @ v / np.sqrt(np.maximum(w, 1e-30)))[0]
+    v, _ = svd_flip(np.ascontiguousarray(v), None)  # each column's largest entry positive
     return np.ascontiguousarray(v, dtype=np.float32)
 
 
