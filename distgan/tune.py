@@ -184,20 +184,32 @@ def trial_driver(config: dict, meta: dict) -> None:
         where = in_fs(ckpt.filesystem, ckpt.path, storage)
         init_from = where.uri
         name = f"{trial_id}-{hashlib.sha1(init_from.encode()).hexdigest()[:8]}"
-        # tune_step.json travels inside the checkpoint: the step it ends at and the trial that wrote it
-        # (another trial's id after an exploit, this trial's own after a resume).
+        # tune_step.json travels inside the checkpoint: the step it ends at, the trial that wrote it
+        # (another trial's id after an exploit, this trial's own after a pause), that trial's lineage
+        # and the metrics it reported with it.
         saved = (where / "tune_step.json").read_json()
-        lineage = {"pbt/restored_from": saved["trial"], "pbt/restored_at": saved["step"]}
-    step = lineage.get("pbt/restored_at", 0)
+        if saved["trial"] == trial_id:  # paused and resumed: its own weights, its earlier lineage
+            lineage = saved["lineage"]
+        else:
+            lineage = {"pbt/restored_from": saved["trial"], "pbt/restored_at": saved["step"]}
+        step = saved["step"]
+    else:
+        step = 0
     interval, total = meta["perturbation_interval"], cfg.train.steps
+    if step >= total:
+        # Paused or exploited at the last perturbation: nothing is left to train. The trial's last result must
+        # be the one that belongs to these weights -- the donor's after an exploit, not its own earlier one.
+        tune.report({**saved["metrics"], **lineage})
+        return
     while step < total:
         seg = C.apply_overrides(cfg, {"train.steps": min(step + interval, total)})
         result = _finish(build_trainer(seg, meta["storage"], name, evaluator=evaluator, init_from=init_from).fit(),
                          TrainingDiverged)
         step = seg.train.steps
         written = in_fs(result.checkpoint.filesystem, result.checkpoint.path, storage)
-        (written / "tune_step.json").write_json({"step": step, "trial": trial_id})
         metrics = {**result.metrics, **lineage, "step": step, "checkpoint_path": written.uri}
+        (written / "tune_step.json").write_json({"step": step, "trial": trial_id, "lineage": lineage,
+                                                 "metrics": metrics}, default=float)
         tune.report(metrics, checkpoint=result.checkpoint)  # Tune copies it store-to-store into the trial's folder
 
 
@@ -273,8 +285,12 @@ def _scheduler(name: str, metric: str, mode: str, steps: int, log_every: int, in
     if name == "pbt":
         # Only keys that keep the weights loadable: a mutated model.* would not fit the donor's checkpoint.
         mutations = {k: _mutation(d) for k, d in space.items() if next(iter(d)) != "grid" and not k.startswith("model.")}
+        # Synchronous: every trial reaches the boundary before any is ranked. Asynchronous PBT checkpoints a
+        # trial only if it ranked in the upper half at its own boundary, so in a small population whose
+        # first reporter had nobody to rank against, the weaker trial can train to the end unexploited
+        # (seen with two trials in CI).
         return PopulationBasedTraining(time_attr="step", perturbation_interval=interval,
-                                       hyperparam_mutations=mutations or None, quantile_fraction=0.5)
+                                       hyperparam_mutations=mutations or None, quantile_fraction=0.5, synch=True)
     return FIFOScheduler()
 
 

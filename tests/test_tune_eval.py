@@ -271,6 +271,13 @@ def test_pbt_exploit_hands_the_better_trials_weights_to_the_worse(ray_running, b
     assert set(df["optim.lr_d"]) == {2e-3}
     assert row["optim.lr_g"] != donor["optim.lr_g"]  # ... and explore perturbs the mutable key
     assert "restored from" in (exp / "results.md").read_text()
+    # Synchronous PBT ranks the pair at step 15 too: the lower one takes the upper's final weights with nothing
+    # left to train, and its row shows the weights it ends with -- the donor's checkpoint and objective.
+    same = df.merge(df, on="checkpoint", suffixes=("", "_donor")).query("trial != trial_donor")
+    assert len(same) == 2, df  # one pair, seen from both sides
+    taker = same[[f"/runs/{t}" not in c for t, c in zip(same["trial"], same["checkpoint"])]]  # not its own run's
+    assert len(taker) == 1 and (taker["restored from"] == taker["trial_donor"]).all()
+    assert taker["loss/d"].iloc[0] == taker["loss/d_donor"].iloc[0]
     # the continuation is a fresh run named after the exploited trial, started from the donor's checkpoint
     assert any(p.name.startswith(row["trial"] + "-") for p in (exp / "runs").iterdir())
     assert all(c.startswith(exp.uri + "/runs/") for c in df["checkpoint"])
