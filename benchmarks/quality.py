@@ -1,8 +1,8 @@
 """Embedding quality on MNIST, Fashion-MNIST (all 70,000 images each) and the CIFAR-10 copy:
 clustering (k = 10) and linear-probe accuracy of raw pixels, of a random-init D (the control),
 and of Ds trained for a wall-clock budget with each objective, each through the chosen read-out
-and the old global-average one, with and without the UMAP step, and on the UMAP map with k-means
-or a Gaussian mixture (cluster.method gmm).
+and the old global-average one, with and without the UMAP step, and on the UMAP map with k-means,
+a Gaussian mixture (cluster.method gmm) or k-means held to equal cluster sizes (balanced).
 
 One row (a dataset x a model) per call; rows accumulate in benchmarks/results/quality.json and
 the table is rebuilt from all of them, so it can be filled over several sittings:
@@ -40,8 +40,9 @@ CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "
 MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
 # (read-out, preprocess): the chosen one and the one distgan used before.
 READOUTS = (("grid4-max", "pca"), ("gap", "pca-whiten"))
-# (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it
-VARIANTS = (("none", "kmeans"), ("umap", "kmeans"), ("umap", "gmm"))
+# (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it,
+# equal-size k-means on it
+VARIANTS = (("none", "kmeans"), ("umap", "kmeans"), ("umap", "gmm"), ("umap", "balanced"))
 SEEDS = (0, 1, 2)
 COLUMNS = ["dataset", "model", "train", "read-out", "manifold", "method", "acc", "nmi", "ari", "probe acc"]
 
@@ -169,7 +170,8 @@ def write_table(rows: list[dict], command: str) -> str:
             "nearest sample points (UMAP refitted with each seed, so the spread includes it), k-means on the UMAP map "
             "keeps the lowest objective of 50 restarts (the CLI's default there); gmm: scikit-learn's full-covariance "
             "Gaussian mixture on the UMAP map (k-means++ starts, best of 3, fitted on 20k points), each point in its "
-            "most probable component. Probe: logistic regression on 20,000 train-split images, accuracy on the test "
+            "most probable component; balanced: the k-means on the UMAP map, then held to equal cluster sizes "
+            "(cluster.method balanced). Probe: logistic regression on 20,000 train-split images, accuracy on the test "
             "split.\n\n" + ANCHORS + "\n")
     (out / "quality.md").write_text(md)
     return md
@@ -183,8 +185,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override of the row's training")
     p.add_argument("--checkpoint", help="score this checkpoint (trained by an earlier call with the same flags) instead of training")
-    p.add_argument("--method", choices=("kmeans", "gmm"), action="append",
-                   help="score only these clusterings (default: both; gmm runs on the UMAP map only)")
+    p.add_argument("--method", choices=("kmeans", "gmm", "balanced"), action="append",
+                   help="score only these clusterings (default: kmeans and gmm; gmm and balanced run on the UMAP map only)")
     p.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks --quick`: does nothing here")
     args = p.parse_args(argv)
     if args.quick:

@@ -110,7 +110,8 @@ class ClusterConfig:
     embed_dim: int = 256  # embed stores wider read-outs projected to this many dimensions; 0: whole (embed.py)
     manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
     manifold_dim: int = 10  # UMAP output dimensions
-    method: str = "kmeans"  # kmeans | gmm: a full-covariance Gaussian mixture on the manifold map (cluster/fit.py)
+    method: str = "kmeans"  # kmeans | gmm: a full-covariance Gaussian mixture on the manifold map | balanced:
+    # k-means held to equal cluster sizes (cluster/fit.py)
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
 VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "intensity", "translation", "cutout")
 COLOUR_AUGMENTS = ("color", "gray")  # mean nothing on one channel
 MANIFOLDS = ("none", "umap")
-CLUSTER_METHODS = ("kmeans", "gmm")  # cluster/fit.py
+CLUSTER_METHODS = ("kmeans", "gmm", "balanced")  # cluster/fit.py
 FEATURES = ("last", "multi")
 AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")

@@ -604,24 +604,54 @@ def test_gaussian_mixture_assigns_like_scikit_learn_and_follows_elongated_cluste
     assert K.cluster_acc(y, K.assign(K.kmeans(x, 2, niter=20, nredo=5), x)[0]) < 0.8
 
 
-def test_gmm_method_runs_in_the_fit_task_and_the_actors_and_resumes(ray_running, tmp_path):
-    """--method gmm: the mixture is fitted in the Ray task on the UMAP map, saved as arrays in
-    preprocess.npz, applied by every actor (= the single-process replay), and reloaded by a
-    rerun of the same command."""
+def _one_wide_two_tight(seed=0):
+    """Three classes of 300: a wide one (std 2.5) and two tight ones (std 0.3) 1.5 apart, 7 from it.
+    k-means spends two clusters on the wide one and merges the tight pair."""
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([rng.normal(0, 2.5, (300, 2)), rng.normal(0, 0.3, (300, 2)) + [7, 0],
+                        rng.normal(0, 0.3, (300, 2)) + [8.5, 0]]).astype(np.float32)
+    return x, np.repeat([0, 1, 2], 300)
+
+
+def test_balanced_kmeans_holds_equal_sizes_where_kmeans_does_not():
+    x, y = _one_wide_two_tight()
+    b = K.fit_clusters(x, 3, "balanced", niter=20, nredo=5, seed=0)
+    c, d = K.search(b.index, x)
+    assert np.abs(np.bincount(c, minlength=3) - 300).max() <= 15
+    assert K.cluster_acc(y, c) > 0.97
+    assert K.cluster_acc(y, K.assign(K.kmeans(x, 3, niter=20, nredo=5, seed=0), x)[0]) < 0.7  # (measured 0.50)
+    # the offsets decide the cluster; the distance is still the squared L2 distance to its centroid
+    np.testing.assert_allclose(d, ((x - b.centroids[c]) ** 2).sum(1), rtol=1e-4, atol=1e-4)
+    assert (b.offsets != b.offsets[0]).any()
+    # the offset rule, written out: argmin |x - c_j|^2 - offsets[j]
+    rule = (((x[:, None] - b.centroids[None]) ** 2).sum(-1) - b.offsets[None]).argmin(1)
+    assert (rule == c).mean() > 0.995  # float32 near-ties aside
+
+
+@pytest.mark.parametrize("method", ["gmm", "balanced"])
+def test_own_index_method_runs_in_the_fit_task_and_the_actors_and_resumes(ray_running, tmp_path, method):
+    """--method gmm / balanced: the clusterer is fitted in the Ray task on the UMAP map, saved as
+    arrays in preprocess.npz, applied by every actor (= the single-process replay), and reloaded
+    by a rerun of the same command."""
     pytest.importorskip("umap")
     x, y = _blobs(n_per=150, k=4, d=12, seed=4)
-    kw = dict(k=4, preprocess="pca", pca_dim=8, manifold="umap", manifold_dim=3, method="gmm", seed=0, actors=2,
+    kw = dict(k=4, preprocess="pca", pca_dim=8, manifold="umap", manifold_dim=3, method=method, seed=0, actors=2,
               progress=False)
     m = K.run_clustering(_features(x, y), tmp_path / "g", **kw)
-    assert m["method"] == "gmm" and m["acc"] > 0.99
+    assert m["method"] == method and m["acc"] > 0.99
     pz = np.load(tmp_path / "g" / "preprocess.npz", allow_pickle=False)
-    assert pz["gmm_prec_chol"].shape == (4, 3, 3) and pz["gmm_log_weights"].shape == (4,)
     pre = K.Preprocess(str(pz["method"]), pz["mean"], pz["proj"], pz["anchors"], pz["coords"])
-    mix = K.Mixture(np.load(tmp_path / "g" / "centroids.npy"), pz["gmm_prec_chol"], pz["gmm_log_weights"])
-    c, _ = K.search(mix, pre(x))
+    centroids = np.load(tmp_path / "g" / "centroids.npy")
+    if method == "gmm":
+        assert pz["gmm_prec_chol"].shape == (4, 3, 3) and pz["gmm_log_weights"].shape == (4,)
+        model = K.Mixture(centroids, pz["gmm_prec_chol"], pz["gmm_log_weights"])
+    else:
+        assert pz["balanced_offsets"].shape == (4,) and m["sizes"] == [150] * 4
+        model = K.Balanced(centroids, pz["balanced_offsets"])
+    c, _ = K.search(model, pre(x))
     first = _assignments(tmp_path / "g")
     assert (first["cluster"].to_numpy() == c).all()
-    # an interrupted run (assignments and metrics gone) reuses the saved fit, mixture included
+    # an interrupted run (assignments and metrics gone) reuses the saved fit, clusterer included
     (tmp_path / "g" / "metrics.json").unlink()
     shutil.rmtree(tmp_path / "g" / "assignments")
     again = K.run_clustering(_features(x, y), tmp_path / "g", **kw)

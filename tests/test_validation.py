@@ -121,10 +121,11 @@ def test_embed_checkpoint_without_distgans_format_tag(no_ray, capsys, fake_dir, 
     (["--k", "5", "--manifold", "tsne"], "--manifold must be none or umap"),
     (["--k", "5", "--manifold", "umap", "--manifold-dim", "0"], "--manifold-dim must be >= 1"),
     (["--k", "5", "--preprocess", "ica"], "--preprocess must be one of"),
-    (["--k", "5", "--method", "em"], "--method must be one of kmeans, gmm, got 'em'"),
+    (["--k", "5", "--method", "em"], "--method must be one of kmeans, gmm, balanced, got 'em'"),
     (["--k", "5", "--method", "gmm"], "--method gmm fits full covariances, on a manifold map"),
     (["--k", "5", "--method", "gmm", "--manifold", "umap", "--manifold-dim", "65"], "of at most 64 dimensions"),
     (["--k", "5", "--method", "gmm", "--manifold", "umap", "--spherical"], "--spherical is a k-means option"),
+    (["--k", "5", "--method", "balanced", "--spherical"], "--spherical is a k-means option, not one of --method balanced"),
 ])
 def test_cluster_flags(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     out = tmp_path / "c"

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="none | umap: UMAP fitted on a sample, every point placed by its nearest sample points, then k-means")
     s.add_argument("--manifold-dim", type=int, default=CLUSTER.manifold_dim, help="UMAP output dimensions")
     s.add_argument("--method", default=CLUSTER.method,
-                   help="kmeans | gmm (a full-covariance Gaussian mixture, on the --manifold umap map); "
+                   help="kmeans | gmm (a full-covariance Gaussian mixture, on the --manifold umap map) | balanced "
+                        "(k-means held to equal cluster sizes: for classes of about equal size); "
                         f"default {CLUSTER.method}")
     s.add_argument("--niter", type=int, default=20)
     s.add_argument("--nredo", type=int, default=CLUSTER.nredo,

@@ -18,7 +18,7 @@ from ..data import actor_cpus, actor_threads, largest_node, ray_data_console
 from ..faults import slow_down
 from ..storage import loc, write_parquet
 from .features import Features, block_labels, block_x, read_unit, read_units
-from .fit import Mixture, Preprocess, centroid_index, fit_clusters, fit_sample, restarts, search  # noqa: F401
+from .fit import OWN_INDEX, Preprocess, centroid_index, fit_clusters, fit_sample, restarts, search  # noqa: F401
 from .metrics import contingency
 
 def default_sample(count: int, k: int) -> int:
@@ -107,7 +107,7 @@ def _fit(x: np.ndarray, ks: tuple[int, ...], preprocess: str, pca_dim: int, nite
          method: str = "kmeans") -> dict:
     """The Ray task: the sample x (n, dim) -> preprocessing (-> UMAP on a sample) -> faiss k-means
     (or a Gaussian mixture) for each k in ks, each with its label-free criteria (criteria.py) on
-    the sample. Returns plain arrays (and a Mixture of arrays per k with method gmm)."""
+    the sample. Returns plain arrays (and per k the clusterer, with method gmm or balanced: arrays too)."""
     from .criteria import CRITERIA_SAMPLE, criteria
 
     threads = set_faiss_threads()
@@ -124,7 +124,7 @@ def _fit(x: np.ndarray, ks: tuple[int, ...], preprocess: str, pca_dim: int, nite
         # at least 10 points per cluster in the criteria's sample (k = 1000: 10,000 points)
         crit = criteria(z, c, k, seed, max(CRITERIA_SAMPLE, 10 * k), spherical)
         fits[k] = {"centroids": np.asarray(km.centroids, np.float32), "criteria": crit,
-                   "mixture": km if isinstance(km, Mixture) else None,
+                   "model": km if isinstance(km, OWN_INDEX) else None,
                    "criteria_seconds": time.perf_counter() - t_crit}
     return {"fits": fits, "pre": pre, "trained_on": len(x), "seconds": time.perf_counter() - t, "threads": threads,
             "node": os.uname().nodename}
@@ -155,23 +155,23 @@ def fit_remote(features: Features, ks: list[int], preprocess: str, pca_dim: int,
 def fitted(fits: dict, pre: Preprocess, info: dict, k: int) -> tuple[np.ndarray, Preprocess, dict]:
     """What `run_clustering(fitted=...)` takes for one k of `fit_remote`'s result: its centroids,
     the shared preprocessing, and the task's summary with that k's criteria and their cost (and
-    its Mixture, with method gmm)."""
-    return fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"], "mixture": fits[k]["mixture"],
+    its clusterer, with method gmm or balanced)."""
+    return fits[k]["centroids"], pre, info | {"criteria": fits[k]["criteria"], "model": fits[k]["model"],
                                               "criteria_seconds": round(fits[k]["criteria_seconds"], 3)}
 
 
 class Assigner:
     """Ray Data actor: holds the preprocessing and a faiss index over the centroids, built
-    once (or the Gaussian mixture whose means they are). Each call takes read units
+    once (or the clusterer whose centroids they are: a Gaussian mixture, equal-size k-means). Each call takes read units
     (`read_units`); per unit it writes the assignments
     (id, cluster, distance, label) as one Parquet file under a temporary name, renamed when
     whole, and returns that unit's summary row. A unit a previous run completed (`done`) is
     only read back and summarized, so a rerun after a crash redoes only the missing files."""
 
     def __init__(self, centroids: np.ndarray, pre: Preprocess, spherical: bool, kind: str, dim: int, gpu: bool,
-                 columns: list[str], per_cluster: int, tables: list | None = None, mixture: Mixture | None = None):
+                 columns: list[str], per_cluster: int, tables: list | None = None, model=None):
         self.threads = set_faiss_threads()
-        self.index = mixture if mixture is not None else centroid_index(centroids, spherical, gpu)
+        self.index = model if model is not None else centroid_index(centroids, spherical, gpu)
         self.pre, self.kind, self.dim, self.k = pre, kind, dim, len(centroids)
         self.columns, self.per_cluster, self.tables = columns, per_cluster, tables or []
 
@@ -260,7 +260,7 @@ class Totals:
 
 def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spherical: bool, out_dir: str,
                actors: int = 0, gpus: int = 0, per_cluster: int = 8, progress: bool = True,
-               mixture: Mixture | None = None) -> Totals:
+               model=None) -> Totals:
     """Assign every point with an actor pool: one Parquet file per read unit in `out_dir`
     (`part-NNNNN.parquet`, in unit order), and the per-unit summaries summed here. Files
     already in `out_dir` (a run that was killed) are kept and only summarized."""
@@ -286,7 +286,7 @@ def assign_all(features: Features, centroids: np.ndarray, pre: Preprocess, spher
         Assigner, fn_constructor_kwargs={
             "centroids": centroids, "pre": pre, "spherical": spherical, "kind": features.kind, "dim": features.dim,
             "gpu": bool(gpus), "columns": features.columns, "per_cluster": per_cluster, "tables": features.tables,
-            "mixture": mixture},
+            "model": model},
         batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_gpus=1 if gpus else 0, num_cpus=1 if gpus else actor_cpus(n_actors),
     )
@@ -329,8 +329,8 @@ def check_request(count: int, k: int | list[int], sample: int, gpus: int = 0, pc
     if method == "gmm" and (manifold != "umap" or manifold_dim > MIXTURE_MAX_DIM):
         raise UserError(f"--method gmm fits full covariances, on a manifold map of at most {MIXTURE_MAX_DIM} "
                         "dimensions: add --manifold umap (--manifold-dim 10 by default)")
-    if method == "gmm" and spherical:
-        raise UserError("--spherical is a k-means option; --method gmm fits full covariances")
+    if method != "kmeans" and spherical:
+        raise UserError(f"--spherical is a k-means option, not one of --method {method}")
     if manifold == "umap":
         import importlib.util
 

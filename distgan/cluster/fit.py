@@ -217,16 +217,117 @@ def gaussian_mixture(z: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> M
     return Mixture(gm.means_.astype(np.float32), gm.precisions_cholesky_.astype(np.float64),
                    np.log(gm.weights_).astype(np.float64))
 
-CLUSTERERS = {"kmeans": "faiss k-means", "gmm": "Gaussian mixture"}  # cluster.method -> what the CLI prints
+# ---------------------------------------------------------------- equal-size clusters
+
+BALANCE_CELLS = 50_000_000  # the (points x k) cost matrix the balancing holds: at most this many float64s
+BALANCE_EPS = 0.05  # entropic regularisation, as a fraction of the median squared distance to a centroid
+BALANCE_ITER = 30  # Lloyd iterations after the k-means start
+
+
+@dataclass
+class Balanced:
+    """k-means held to equal cluster sizes (cluster.method balanced). centroids (k, d); offsets
+    (k,) in squared-distance units: a point goes to argmin_j |x - c_j|^2 - offsets[j], the
+    assignment the balancing converged to, so every point is placed as the fit placed its
+    sample. Plain arrays (preprocess.npz); it is its own `index`, like Mixture."""
+
+    centroids: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def index(self) -> "Balanced":
+        return self
+
+    def nearest(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, d) -> (cluster (B,) int64, squared L2 distance to its centroid (B,) float32).
+        One faiss search: with c'_j = [c_j, sqrt(m - offsets[j])] (m = max offset) and x' = [x, 0],
+        |x' - c'_j|^2 = |x - c_j|^2 - offsets[j] + m, whose argmin is the offset rule."""
+        import faiss
+
+        if getattr(self, "_index", None) is None:  # built once per process (an actor), never pickled
+            shift = (self.offsets.max() - self.offsets).astype(np.float64)
+            self._shift = shift.astype(np.float32)
+            aug = np.hstack([self.centroids.astype(np.float64), np.sqrt(shift)[:, None]])
+            self._index = faiss.IndexFlatL2(aug.shape[1])
+            self._index.add(np.ascontiguousarray(aug, dtype=np.float32))
+        x = np.ascontiguousarray(np.hstack([x, np.zeros((len(x), 1), x.dtype)]), dtype=np.float32)
+        with distance_path(len(self.centroids)):
+            dist, idx = self._index.search(x, 1)
+        c = idx[:, 0]
+        return c, np.maximum(dist[:, 0] - self._shift[c], 0).astype(np.float32)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_index", "_shift")}
+
+    def arrays(self) -> dict:
+        return {"balanced_offsets": self.offsets}
+
+
+def balanced_kmeans(z: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
+                    gpu: int | bool = False) -> Balanced:
+    """faiss k-means (niter, best of nredo), then Lloyd iterations whose assignment step is an
+    entropic optimal transport of the points onto k equal shares (log-domain Sinkhorn, as
+    SeLa / SwAV balance their self-labels), on at most BALANCE_CELLS / k points of z (N, d).
+    The transport's column potentials become the per-cluster offsets; a point's cluster is the
+    argmax of its row of the plan, i.e. the offset rule of `Balanced.nearest`."""
+    from scipy.special import logsumexp
+
+    n = len(z)
+    start = kmeans(z, k, niter, nredo, seed=seed, gpu=gpu)
+    m = min(n, max(k, BALANCE_CELLS // k))
+    s = z if m == n else z[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
+    s = s.astype(np.float64)
+    c = start.centroids.astype(np.float64)
+    s2 = (s * s).sum(1)[:, None]
+
+    def cost(c):  # (m, k) squared distances
+        return np.maximum(s2 - 2 * s @ c.T + (c * c).sum(1)[None], 0)
+
+    d = cost(c)
+    eps = BALANCE_EPS * float(np.median(d))
+    v, log_share, a = np.zeros(k), np.log(m / k), None
+    for it in range(BALANCE_ITER + 1):
+        logits = -d / eps
+        for _ in range(100 if it == 0 else 20):  # warm-started potentials: a few sweeps per iteration
+            u = -logsumexp(logits + v[None], axis=1)
+            v = log_share - logsumexp(logits + u[:, None], axis=0)
+        new = np.argmax(logits + v[None], axis=1)
+        if it == BALANCE_ITER or (a is not None and (new == a).all()):
+            a = new
+            break
+        a = new
+        for j in range(k):  # an emptied cluster keeps its centroid
+            if (a == j).any():
+                c[j] = s[a == j].mean(0)
+        d = cost(c)
+    return Balanced(c.astype(np.float32), (eps * v).astype(np.float32))
+
+
+CLUSTERERS = {"kmeans": "faiss k-means", "gmm": "Gaussian mixture",
+              "balanced": "equal-size k-means"}  # cluster.method -> what the CLI prints
 
 
 def fit_clusters(z: np.ndarray, k: int, method: str = "kmeans", niter: int = 20, nredo: int = 1, spherical: bool = False,
                  seed: int = 0, gpu: int | bool = False):
-    """k clusters of the preprocessed sample z (N, d): faiss k-means, or a Gaussian mixture.
-    Either has `.centroids` (k, d) and `.index` for `search`."""
+    """k clusters of the preprocessed sample z (N, d): faiss k-means, a Gaussian mixture, or
+    k-means held to equal sizes. Each has `.centroids` (k, d) and `.index` for `search`."""
     if method == "gmm":
         return gaussian_mixture(z, k, seed)
+    if method == "balanced":
+        return balanced_kmeans(z, k, niter, nredo, seed, gpu)
     return kmeans(z, k, niter, nredo, spherical, seed, gpu=gpu)
+
+
+OWN_INDEX = (Mixture, Balanced)  # clusterers that are their own index: saved as arrays beside the centroids
+
+
+def load_clusterer(centroids: np.ndarray, arrays) -> Mixture | Balanced | None:
+    """The clusterer preprocess.npz holds beside `centroids` (None: plain k-means)."""
+    if "gmm_log_weights" in arrays:
+        return Mixture(centroids, arrays["gmm_prec_chol"], arrays["gmm_log_weights"])
+    if "balanced_offsets" in arrays:
+        return Balanced(centroids, arrays["balanced_offsets"])
+    return None
 
 
 def fit_sample(x: np.ndarray, k: int, preprocess: str = "pca", pca_dim: int = 64, niter: int = 20, nredo: int = 0,
@@ -268,10 +369,11 @@ def search(index, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     The squared L2 distance; under spherical k-means the index is inner-product (it returns
     similarities, larger = nearer), so the distance is the squared L2 distance between the
     L2-normalised row and its unit centroid, 2 - 2 cos. A Mixture (cluster.method gmm) gives
-    the component of highest posterior and the squared Mahalanobis distance to it."""
+    the component of highest posterior and the squared Mahalanobis distance to it; Balanced its
+    offset rule and the squared L2 distance."""
     import faiss
 
-    if isinstance(index, Mixture):
+    if isinstance(index, OWN_INDEX):
         return index.nearest(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     with distance_path(index.ntotal):

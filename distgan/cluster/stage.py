@@ -35,7 +35,7 @@ def run_clustering(
     a fit already made (a k sweep's) skips the fit."""
     from .distributed import assign_all, check_gpus, check_request, fit_remote
     from .distributed import fitted as fitted_k
-    from .fit import CLUSTERERS, Mixture, Preprocess, restarts
+    from .fit import CLUSTERERS, Preprocess, load_clusterer, restarts
 
     nredo = restarts(nredo, manifold)
     out = loc(out)
@@ -69,7 +69,7 @@ def run_clustering(
         centroids = (out / "centroids.npy").read_npy()
         with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
             pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
-            mixture = Mixture(centroids, z["gmm_prec_chol"], z["gmm_log_weights"]) if "gmm_log_weights" in z else None
+            model = load_clusterer(centroids, z)
         fit = (out / ".fit.json").read_json()
         print(f"{CLUSTERERS[method]}: reusing the centroids in {out} (an interrupted run of this command)")
     else:
@@ -83,14 +83,14 @@ def run_clustering(
             c, pre, fit = fitted_k(fits, pre, fit, k)
             fitted = c, pre, fit | {"seconds": time.perf_counter() - t0}
         centroids, pre, fit = fitted
-        mixture = fit.get("mixture")
+        model = fit.get("model")
         fit = {"trained_on": fit["trained_on"], "threads": fit["threads"], "seconds": fit["seconds"],
                "criteria": fit["criteria"], "criteria_seconds": fit.get("criteria_seconds")}
         (out / ".fit.json").write_json(fit)
         (out / "centroids.npy").write_npy(centroids)
         buf = io.BytesIO()
         np.savez(buf, method=pre.method, spherical=spherical, **pre.arrays(),  # what the actors apply
-                 **(mixture.arrays() if mixture is not None else {}))
+                 **(model.arrays() if model is not None else {}))
         (out / "preprocess.npz").write_bytes(buf.getvalue())  # last, and atomic: marks the fit as complete
     t_fit = fit["seconds"]
 
@@ -101,7 +101,7 @@ def run_clustering(
     if resume and out.is_local and (out / "assignments").is_dir():  # killed after the rename: its files are all done
         (out / "assignments").move(tmp)
     totals = assign_all(features, centroids, pre, spherical, tmp.uri, gpus=gpus, actors=actors,
-                        per_cluster=montage_per_cluster, progress=progress, mixture=mixture)
+                        per_cluster=montage_per_cluster, progress=progress, model=model)
     if totals.bad:
         tmp.rmtree()
         raise UserError(f"embeddings contain non-finite values (NaN/Inf) in {totals.bad} rows; "
