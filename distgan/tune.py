@@ -185,11 +185,11 @@ def trial_driver(config: dict, meta: dict) -> None:
         init_from = where.uri
         name = f"{trial_id}-{hashlib.sha1(init_from.encode()).hexdigest()[:8]}"
         # tune_step.json travels inside the checkpoint: the step it ends at, the trial that wrote it
-        # (another trial's id after an exploit, this trial's own after a pause), that trial's lineage
-        # and the metrics it reported with it.
+        # (another trial's id after an exploit, this trial's own after a pause) and the metrics it
+        # reported with it, its lineage (pbt/*) among them.
         saved = (where / "tune_step.json").read_json()
         if saved["trial"] == trial_id:  # paused and resumed: its own weights, its earlier lineage
-            lineage = saved["lineage"]
+            lineage = {k: v for k, v in saved["metrics"].items() if k.startswith("pbt/")}
         else:
             lineage = {"pbt/restored_from": saved["trial"], "pbt/restored_at": saved["step"]}
         step = saved["step"]
@@ -208,8 +208,7 @@ def trial_driver(config: dict, meta: dict) -> None:
         step = seg.train.steps
         written = in_fs(result.checkpoint.filesystem, result.checkpoint.path, storage)
         metrics = {**result.metrics, **lineage, "step": step, "checkpoint_path": written.uri}
-        (written / "tune_step.json").write_json({"step": step, "trial": trial_id, "lineage": lineage,
-                                                 "metrics": metrics}, default=float)
+        (written / "tune_step.json").write_json({"step": step, "trial": trial_id, "metrics": metrics}, default=float)
         tune.report(metrics, checkpoint=result.checkpoint)  # Tune copies it store-to-store into the trial's folder
 
 
