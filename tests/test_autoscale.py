@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from distgan.storage import loc
+from procs import stop_head
 from s3server import free_ports
 
 BIN = Path(sys.executable).parent
@@ -92,12 +92,7 @@ def autoscaling(tmp_path_factory, bucket):
         # workers are the autoscaler's children), gathered before the head goes.
         for p in _tree(head.pid):
             seen[p.pid] = p
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+        stop_head(head)
         for p in seen.values():
             try:
                 p.kill()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from procs import stop_head
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,13 +83,7 @@ def ray_head(tmp_path_factory):
             time.sleep(1)
         yield url, token, env
     finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=wait)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        stop_head(head)
 
 
 def test_submit_pipeline_smoke_test(ray_head, tmp_path):
