@@ -11,6 +11,7 @@ the table is rebuilt from all of them, so it can be filled over several sittings
     python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 10
     python -m benchmarks.quality --dataset fashion-mnist --only contrastive --minutes 30 --seed 1
     python -m benchmarks.quality --dataset fashion-mnist --only contrastive --checkpoint CKPT --method gmm
+    python -m benchmarks.quality --dataset fashion-mnist --only contrastive --checkpoint CKPT --readout proj
 
 Training runs through `distgan train`'s own loop (Ray Train, 1 worker) from the shipped config
 of the dataset (jobs/configs), with objective.name set and train.minutes as the budget; steps
@@ -38,8 +39,10 @@ MNIST 0.912 / 0.869 / 0.856 (XifengGuo/DEC-keras, results/exp1); ClusterGAN (500
 
 CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "cifar10": "resnet_cifar10.yaml"}
 MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
-# (read-out, preprocess): the chosen one and the one distgan used before.
+# (read-out, preprocess): the chosen one and the one distgan used before; `--readout proj` scores
+# a contrastive D's projection head instead.
 READOUTS = (("grid4-max", "pca"), ("gap", "pca-whiten"))
+PREPROCESS = {"grid4-max": "pca", "gap": "pca-whiten", "proj": "pca"}
 # (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it,
 # equal-size k-means on it
 VARIANTS = (("none", "kmeans"), ("umap", "kmeans"), ("umap", "gmm"), ("umap", "balanced"))
@@ -105,7 +108,8 @@ def recipe(cfg: dict) -> str:
 
 
 def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str] = (),
-            checkpoint: str | None = None, methods: tuple[str, ...] = ("kmeans", "gmm")) -> list[dict]:
+            checkpoint: str | None = None, methods: tuple[str, ...] = ("kmeans", "gmm"),
+            readouts: tuple[tuple[str, str], ...] = READOUTS) -> list[dict]:
     from distgan.data import decode_images, init_ray, prepare, read_arrays, read_manifest
     from distgan.embed import embed_images, load_embedder
 
@@ -139,7 +143,7 @@ def run_row(dataset: str, model: str, minutes: float, seed: int, sets: list[str]
     if model != "random":
         base["recipe"] = recipe(state["config"])
         label += f", recipe {base['recipe']}"
-    for readout, preprocess in READOUTS:
+    for readout, preprocess in readouts:
         x = embed_images(D, images, "multi", readout, batch_size=256)
         for manifold, method in variants:
             rows.append({**base, "train": label, "steps": reached["steps"], "minutes": minutes, "wall minutes": reached.get("minutes"),
@@ -187,6 +191,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", help="score this checkpoint (trained by an earlier call with the same flags) instead of training")
     p.add_argument("--method", choices=("kmeans", "gmm", "balanced"), action="append",
                    help="score only these clusterings (default: kmeans and gmm; gmm and balanced run on the UMAP map only)")
+    p.add_argument("--readout", choices=list(PREPROCESS), action="append",
+                   help="score only these read-outs (default: grid4-max and gap; proj: a contrastive D's projection head)")
     p.add_argument("--quick", action="store_true", help="accepted for `python -m benchmarks --quick`: does nothing here")
     args = p.parse_args(argv)
     if args.quick:
@@ -199,8 +205,9 @@ def main(argv=None):
 
     torch.set_num_threads(2)
     model = args.only or "pixels"
+    readouts = tuple((r, PREPROCESS[r]) for r in args.readout) if args.readout else READOUTS
     new = run_row(args.dataset, model, args.minutes, args.seed, args.set, args.checkpoint,
-                  tuple(args.method or ("kmeans", "gmm")))
+                  tuple(args.method or ("kmeans", "gmm")), readouts)
     m = machine_line(machine())
     for r in new:
         r["machine"], r["sets"] = m, " ".join(args.set)

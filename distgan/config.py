@@ -106,7 +106,7 @@ class ClusterConfig:
     sample: int = 0  # train k-means on this many points; 0 = all
     seed: int = 0
     features: str = "multi"  # last | multi: which D layers the embedding reads
-    readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg (models.py)
+    readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg | proj (models.py)
     embed_dim: int = 256  # embed stores wider read-outs projected to this many dimensions; 0: whole (embed.py)
     manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
     manifold_dim: int = 10  # UMAP output dimensions
@@ -290,15 +290,21 @@ AMP = ("off", "bf16", "fp16", "auto")
 SCHEDULERS = ("asha", "pbt", "fifo")
 
 
+HEAD_READOUT = "proj"  # the contrastive D's projection head, not a pooling of D's blocks (models.py)
+
+
 def parse_readout(spec: str) -> tuple[int, str, bool]:
     """A read-out name (models.readout): 'gap' -> (1, 'avg', no per-block norm);
-    'grid4-max' -> (4, 'max', L2 per block)."""
+    'grid4-max' -> (4, 'max', L2 per block); 'proj' -> (0, 'proj', L2): no grid."""
     if spec == "gap":
         return 1, "avg", False
+    if spec == HEAD_READOUT:
+        return 0, HEAD_READOUT, True
     head, _, pool = spec.partition("-")
     if head.startswith("grid") and head[4:].isdigit() and int(head[4:]) >= 1 and pool in ("avg", "max"):
         return int(head[4:]), pool, True
-    raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max)")
+    raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max), "
+                    f"{HEAD_READOUT} (a contrastive D's projection head)")
 
 
 def parse_ks(spec: str | int) -> list[int]:
@@ -358,6 +364,9 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
         raise UserError("cluster.method gmm fits full covariances on the manifold map: set cluster.manifold: umap")
     _choice("objective.name", cfg.objective.name, OBJECTIVES)
     parse_readout(c.readout)
+    if c.readout == HEAD_READOUT and cfg.objective.name != "contrastive":
+        raise UserError(f"cluster.readout {HEAD_READOUT} reads the contrastive D's projection head: "
+                        f"set objective.name: contrastive (got {cfg.objective.name})")
     if not 0.0 < cfg.objective.crop_scale <= 1.0:
         raise UserError(f"objective.crop_scale must be in (0, 1], got {cfg.objective.crop_scale}")
     if cfg.objective.augment != "auto":

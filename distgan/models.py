@@ -6,6 +6,8 @@ read-out (`readout`, READOUTS below):
   gap        : each block averaged over H x W (C_i values), concatenated as they are
   gridG-max  : each block max-pooled to a G x G grid (C_i * G * G values), L2-normalised per
   gridG-avg    block before concatenation so no block dominates (average-pooled for -avg)
+  proj       : a contrastive D only: its projection head's output (the NT-Xent space, 128
+               values), L2-normalised; `features` does not apply
 Block maps of the DCGAN D at 32 px: w x 16 x 16, 2w x 8 x 8, 4w x 4 x 4; of the ResNet D:
 2w x 16 x 16, 2w x 8 x 8, 2w x 8 x 8, 2w x 8 x 8. E.g. dcgan, w = 32, multi, grid4-max: 7 * 32 * 16 = 3584.
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, UserError, parse_readout  # noqa: F401  (parse_readout re-exported)
+from .config import HEAD_READOUT, ModelConfig, UserError, parse_readout  # noqa: F401  (parse_readout re-exported)
 
 STATE_FILE = "state.pt"  # the one file of a checkpoint directory
 
@@ -62,6 +64,8 @@ DEFAULT_DIM = 256  # wider read-outs are stored projected to this many dimension
 def readout(feats: list[torch.Tensor], spec: str) -> torch.Tensor:
     """Blocks (N, C_i, H_i, W_i) -> (N, E): each pooled to a G x G grid, flattened, normalised."""
     grid, pool, norm = parse_readout(spec)
+    if spec == HEAD_READOUT:  # RepresentationD.embed answers it; a D without the head cannot
+        raise UserError(f"read-out {HEAD_READOUT} needs a contrastive D's projection head; this D has none")
     outs = []
     for f in feats:
         if grid == 1 and pool == "avg":
@@ -82,6 +86,12 @@ def embedding_dim(D: nn.Module, features: str, readout_spec: str, resolution: in
     grid, _, _ = parse_readout(readout_spec)
     if features not in ("last", "multi"):
         raise UserError(f"features must be last or multi, got '{features}'")
+    if readout_spec == HEAD_READOUT:
+        head = getattr(unwrap(D), "proj", None)
+        if head is None:
+            raise UserError(f"read-out {HEAD_READOUT} reads a contrastive D's projection head and this D has none "
+                            f"(trained with objective {getattr(unwrap(D), 'objective', 'gan')}); use gap or gridG-max")
+        return int(head[-1].out_features)
     was = D.training
     D.eval()
     with torch.no_grad():
@@ -280,6 +290,8 @@ class RepresentationD(nn.Module):
         return self.net.features(x)
 
     def embed(self, x, features: str = "last", readout_spec: str = "gap"):
+        if readout_spec == HEAD_READOUT:  # (N, P): where NT-Xent compares views, unit length as it does
+            return F.normalize(self.proj(self.net.trunk(x)).float(), dim=1)
         return self.net.embed(x, features, readout_spec)
 
     def forward(self, x, train: bool = False):

@@ -123,6 +123,27 @@ def test_grid_readout_pools_each_block_and_normalises_it():
     assert torch.allclose(readout([a], "gap"), a.mean(dim=(2, 3)))  # the old read-out, unchanged
 
 
+def test_proj_readout_is_the_contrastive_heads_unit_output_and_other_ds_refuse_it():
+    cfg = C.load(None, {"objective.name": "contrastive", "model.width": 8})
+    D = build_discriminator(cfg.model, "contrastive").eval()
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    assert embedding_dim(D, "multi", "proj", 32, 1) == 128
+    with torch.no_grad():
+        out = D.embed(x, "multi", "proj")
+        # by hand: the last block (N, 4w, 4, 4) flattened, Linear -> LeakyReLU(0.2) -> Linear, unit length
+        h = D.net.features(x)[-1].reshape(5, -1)
+        z = F.linear(F.leaky_relu(F.linear(h, D.proj[0].weight, D.proj[0].bias), 0.2), D.proj[2].weight, D.proj[2].bias)
+    assert out.shape == (5, 128)
+    assert torch.allclose(out, z / z.norm(dim=1, keepdim=True), atol=1e-5)
+    for objective in ("gan", "rotation", "autoencoder"):
+        other = build_discriminator(cfg.model, objective)
+        with pytest.raises(C.UserError, match="projection head"):
+            embedding_dim(other, "multi", "proj", 32, 1)
+    with pytest.raises(C.UserError, match="cluster.readout proj reads the contrastive D's projection head"):
+        C.load(None, {"cluster.readout": "proj"})  # a config whose D has no such head
+    assert C.load(None, {"cluster.readout": "proj", "objective.name": "contrastive"}).cluster.readout == "proj"
+
+
 def test_grid_larger_than_a_block_is_refused():
     cfg = C.load(None, {"model.width": 8})
     D = build_discriminator(cfg.model)
