@@ -573,7 +573,7 @@ def test_umap_manifold_runs_in_the_fit_task_and_the_actors(ray_running, tmp_path
     assert m["manifold"] == "umap" and m["manifold_dim"] == 3 and m["nredo"] == 50 and m["acc"] > 0.99
     pz = np.load(tmp_path / "u" / "preprocess.npz", allow_pickle=False)
     assert pz["anchors"].shape == (600, 8) and pz["coords"].shape == (600, 3)
-    pre = K.Preprocess(str(pz["method"]), pz["mean"], pz["proj"], pz["anchors"], pz["coords"])
+    pre = K.Preprocess.from_arrays(pz)
     c, _ = K.search(K.centroid_index(np.load(tmp_path / "u" / "centroids.npy"), spherical=False), pre(x))
     assert (_assignments(tmp_path / "u")["cluster"].to_numpy() == c).all()
 
@@ -642,7 +642,7 @@ def test_own_index_method_runs_in_the_fit_task_and_the_actors_and_resumes(ray_ru
     m = K.run_clustering(_features(x, y), tmp_path / "g", **kw)
     assert m["method"] == method and m["acc"] > 0.99
     pz = np.load(tmp_path / "g" / "preprocess.npz", allow_pickle=False)
-    pre = K.Preprocess(str(pz["method"]), *(pz[n] if n in pz else None for n in ("mean", "proj", "anchors", "coords")))
+    pre = K.Preprocess.from_arrays(pz)
     centroids = np.load(tmp_path / "g" / "centroids.npy")
     if method == "gmm":
         assert pz["gmm_prec_chol"].shape == (4, 3, 3) and pz["gmm_log_weights"].shape == (4,)

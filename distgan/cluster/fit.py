@@ -47,6 +47,11 @@ class Preprocess:
         return {k: v for k, v in (("mean", self.mean), ("proj", self.proj), ("anchors", self.anchors),
                                   ("coords", self.coords)) if v is not None}
 
+    @classmethod
+    def from_arrays(cls, z) -> "Preprocess":
+        """The inverse of `arrays` (plus the method): a loaded preprocess.npz, or any mapping."""
+        return cls(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
+
 
 METHODS = ("none", "l2", "pca", "pca-whiten")
 NORMALISED = ("l2", "pca", "pca-whiten")

@@ -68,7 +68,7 @@ def run_clustering(
     if resume and (out / "preprocess.npz").is_file():  # written after centroids.npy: both are there
         centroids = (out / "centroids.npy").read_npy()
         with np.load(io.BytesIO((out / "preprocess.npz").read_bytes()), allow_pickle=False) as z:
-            pre = Preprocess(str(z["method"]), *(z[n] if n in z else None for n in ("mean", "proj", "anchors", "coords")))
+            pre = Preprocess.from_arrays(z)
             model = load_clusterer(centroids, z)
         fit = (out / ".fit.json").read_json()
         print(f"{CLUSTERERS[method]}: reusing the centroids in {out} (an interrupted run of this command)")
