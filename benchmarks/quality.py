@@ -41,7 +41,7 @@ CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "
 MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
 # (read-out, preprocess): the chosen one and the one distgan used before; `--readout proj` scores
 # a contrastive D's projection head instead.
-PREPROCESS = {"grid4-max": "pca", "gap": "pca-whiten", "proj": "pca"}
+PREPROCESS = {"grid4-max": "pca", "gap": "pca-whiten", "proj": "pca", "grid4-max+proj": "pca"}
 READOUTS = tuple((r, PREPROCESS[r]) for r in ("grid4-max", "gap"))
 # (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it,
 # equal-size k-means on it

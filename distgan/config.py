@@ -106,7 +106,7 @@ class ClusterConfig:
     sample: int = 0  # train k-means on this many points; 0 = all
     seed: int = 0
     features: str = "multi"  # last | multi: which D layers the embedding reads
-    readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg | proj (models.py)
+    readout: str = "grid4-max"  # gap (global average, as before) | gridG-max | gridG-avg | proj | gridG-max+proj (models.py)
     embed_dim: int = 256  # embed stores wider read-outs projected to this many dimensions; 0: whole (embed.py)
     manifold: str = "none"  # none | umap: UMAP fitted on a sample before k-means (cluster/manifold.py)
     manifold_dim: int = 10  # UMAP output dimensions
@@ -291,20 +291,30 @@ SCHEDULERS = ("asha", "pbt", "fifo")
 
 
 HEAD_READOUT = "proj"  # the contrastive D's projection head, not a pooling of D's blocks (models.py)
+HEAD_SUFFIX = "+" + HEAD_READOUT  # e.g. grid4-max+proj: a pooled read-out with the projection beside it
+
+
+def reads_head(spec: str) -> bool:
+    """Whether a read-out needs the contrastive D's projection head (proj, or X+proj)."""
+    return spec == HEAD_READOUT or spec.endswith(HEAD_SUFFIX)
 
 
 def parse_readout(spec: str) -> tuple[int, str, bool]:
     """A read-out name (models.readout): 'gap' -> (1, 'avg', no per-block norm);
-    'grid4-max' -> (4, 'max', L2 per block); 'proj' -> (0, 'proj', L2): no grid."""
+    'grid4-max' -> (4, 'max', L2 per block); 'proj' -> (0, 'proj', L2): no grid;
+    'grid4-max+proj' -> its pooled part's, (4, 'max', L2 per block)."""
     if spec == "gap":
         return 1, "avg", False
     if spec == HEAD_READOUT:
         return 0, HEAD_READOUT, True
+    base = spec[: -len(HEAD_SUFFIX)]
+    if spec.endswith(HEAD_SUFFIX) and base.startswith("grid") and "+" not in base:
+        return parse_readout(base)
     head, _, pool = spec.partition("-")
     if head.startswith("grid") and head[4:].isdigit() and int(head[4:]) >= 1 and pool in ("avg", "max"):
         return int(head[4:]), pool, True
     raise UserError(f"unknown read-out '{spec}'; valid: gap, gridG-max, gridG-avg (G = grid size, e.g. grid4-max), "
-                    f"{HEAD_READOUT} (a contrastive D's projection head)")
+                    f"{HEAD_READOUT} (a contrastive D's projection head), gridG-max{HEAD_SUFFIX} (both)")
 
 
 def parse_ks(spec: str | int) -> list[int]:
@@ -364,8 +374,8 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
         raise UserError("cluster.method gmm fits full covariances on the manifold map: set cluster.manifold: umap")
     _choice("objective.name", cfg.objective.name, OBJECTIVES)
     parse_readout(c.readout)
-    if c.readout == HEAD_READOUT and cfg.objective.name != "contrastive":
-        raise UserError(f"cluster.readout {HEAD_READOUT} reads the contrastive D's projection head: "
+    if reads_head(c.readout) and cfg.objective.name != "contrastive":
+        raise UserError(f"cluster.readout {c.readout} reads the contrastive D's projection head: "
                         f"set objective.name: contrastive (got {cfg.objective.name})")
     if not 0.0 < cfg.objective.crop_scale <= 1.0:
         raise UserError(f"objective.crop_scale must be in (0, 1], got {cfg.objective.crop_scale}")

@@ -8,6 +8,7 @@ read-out (`readout`, READOUTS below):
   gridG-avg    block before concatenation so no block dominates (average-pooled for -avg)
   proj       : a contrastive D only: its projection head's output (the NT-Xent space, 128
                values), L2-normalised; `features` does not apply
+  gridG-max+proj : both, the projection as one more unit-length block after the pooled ones
 Block maps of the DCGAN D at 32 px: w x 16 x 16, 2w x 8 x 8, 4w x 4 x 4; of the ResNet D:
 2w x 16 x 16, 2w x 8 x 8, 2w x 8 x 8, 2w x 8 x 8. E.g. dcgan, w = 32, multi, grid4-max: 7 * 32 * 16 = 3584.
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .config import HEAD_READOUT, ModelConfig, UserError, parse_readout  # noqa: F401  (parse_readout re-exported)
+from .config import HEAD_READOUT, HEAD_SUFFIX, ModelConfig, UserError, parse_readout, reads_head  # noqa: F401  (parse_readout re-exported)
 
 STATE_FILE = "state.pt"  # the one file of a checkpoint directory
 
@@ -64,8 +65,8 @@ DEFAULT_DIM = 256  # wider read-outs are stored projected to this many dimension
 def readout(feats: list[torch.Tensor], spec: str) -> torch.Tensor:
     """Blocks (N, C_i, H_i, W_i) -> (N, E): each pooled to a G x G grid, flattened, normalised."""
     grid, pool, norm = parse_readout(spec)
-    if spec == HEAD_READOUT:  # RepresentationD.embed answers it; a D without the head cannot
-        raise UserError(f"read-out {HEAD_READOUT} needs a contrastive D's projection head; this D has none")
+    if reads_head(spec):  # RepresentationD.embed answers it; a D without the head cannot
+        raise UserError(f"read-out {spec} needs a contrastive D's projection head; this D has none")
     outs = []
     for f in feats:
         if grid == 1 and pool == "avg":
@@ -86,12 +87,15 @@ def embedding_dim(D: nn.Module, features: str, readout_spec: str, resolution: in
     grid, _, _ = parse_readout(readout_spec)
     if features not in ("last", "multi"):
         raise UserError(f"features must be last or multi, got '{features}'")
-    if readout_spec == HEAD_READOUT:
+    head_dim = 0
+    if reads_head(readout_spec):
         head = getattr(unwrap(D), "proj", None)
         if head is None:
-            raise UserError(f"read-out {HEAD_READOUT} reads a contrastive D's projection head and this D has none "
+            raise UserError(f"read-out {readout_spec} reads a contrastive D's projection head and this D has none "
                             f"(trained with objective {getattr(unwrap(D), 'objective', 'gan')}); use gap or gridG-max")
-        return int(head[-1].out_features)
+        head_dim = int(head[-1].out_features)
+        if readout_spec == HEAD_READOUT:
+            return head_dim
     was = D.training
     D.eval()
     with torch.no_grad():
@@ -101,7 +105,7 @@ def embedding_dim(D: nn.Module, features: str, readout_spec: str, resolution: in
     if grid > small:
         raise UserError(f"read-out {readout_spec} asks for a {grid}x{grid} grid but a D block's map is {small}x{small} "
                         f"at {resolution} px; use a grid of at most {small} (e.g. grid{small}-max) or features=last")
-    return int(sum(f.shape[1] * grid * grid for f in feats))
+    return int(sum(f.shape[1] * grid * grid for f in feats)) + head_dim
 
 
 # ---------------------------------------------------------------- DCGAN
@@ -163,7 +167,10 @@ class DCGANDiscriminator(nn.Module):
         return self.head(self.features(x)[-1]).flatten()
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)[-1].flatten(1)  # (N, 4w * 4 * 4)
+        return self.trunk_of(self.features(x))
+
+    def trunk_of(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        return feats[-1].flatten(1)  # (N, 4w * 4 * 4)
 
     def embed(self, x: torch.Tensor, features: str = "last", readout_spec: str = "gap") -> torch.Tensor:
         return readout(_blocks(self.features(x), features), readout_spec)
@@ -246,7 +253,10 @@ class ResNetDiscriminator(nn.Module):
         return self.fc(self.trunk(x)).flatten()
 
     def trunk(self, x):
-        return self.features(x)[-1].sum(dim=(2, 3))  # (N, 2w): global sum pool, as SNGAN's head reads it
+        return self.trunk_of(self.features(x))
+
+    def trunk_of(self, feats):
+        return feats[-1].sum(dim=(2, 3))  # (N, 2w): global sum pool, as SNGAN's head reads it
 
     def embed(self, x, features: str = "last", readout_spec: str = "gap"):
         return readout(_blocks(self.features(x), features), readout_spec)
@@ -292,6 +302,12 @@ class RepresentationD(nn.Module):
     def embed(self, x, features: str = "last", readout_spec: str = "gap"):
         if readout_spec == HEAD_READOUT:  # (N, P): where NT-Xent compares views, unit length as it does
             return F.normalize(self.proj(self.net.trunk(x)).float(), dim=1)
+        if readout_spec.endswith(HEAD_SUFFIX):  # (N, E + P): the pooled blocks, then the projection as one more block
+            parse_readout(readout_spec)
+            feats = self.net.features(x)
+            pooled = readout(_blocks(feats, features), readout_spec[: -len(HEAD_SUFFIX)])
+            head = F.normalize(self.proj(self.net.trunk_of(feats)).float(), dim=1).to(pooled.dtype)
+            return torch.cat([pooled, head], dim=1)
         return self.net.embed(x, features, readout_spec)
 
     def forward(self, x, train: bool = False):

@@ -144,6 +144,31 @@ def test_proj_readout_is_the_contrastive_heads_unit_output_and_other_ds_refuse_i
     assert C.load(None, {"cluster.readout": "proj", "objective.name": "contrastive"}).cluster.readout == "proj"
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_grid_plus_proj_readout_is_the_pooled_blocks_then_the_unit_projection(arch):
+    cfg = C.load(None, {"objective.name": "contrastive", "model.width": 8, "model.arch": arch})
+    D = build_discriminator(cfg.model, "contrastive").eval()
+    x = torch.rand(5, 1, 32, 32) * 2 - 1
+    pooled_dim = embedding_dim(D, "multi", "grid2-max", 32, 1)
+    assert embedding_dim(D, "multi", "grid2-max+proj", 32, 1) == pooled_dim + 128
+    with torch.no_grad():
+        out = D.embed(x, "multi", "grid2-max+proj")
+        feats = D.net.features(x)  # by hand: each block max-pooled to 2 x 2, unit length per block ...
+        blocks = [F.normalize(F.adaptive_max_pool2d(f, 2).flatten(1), dim=1) for f in feats]
+        h = feats[-1].flatten(1) if arch == "dcgan" else feats[-1].sum(dim=(2, 3))  # ... and the trunk the head reads
+        z = F.linear(F.leaky_relu(F.linear(h, D.proj[0].weight, D.proj[0].bias), 0.2), D.proj[2].weight, D.proj[2].bias)
+    assert out.shape == (5, pooled_dim + 128)
+    assert torch.allclose(out, torch.cat([*blocks, z / z.norm(dim=1, keepdim=True)], dim=1), atol=1e-5)
+    assert torch.allclose(out.norm(dim=1), torch.full((5,), 2.0 if arch == "dcgan" else 5 ** 0.5), atol=1e-5)
+    with pytest.raises(C.UserError, match="projection head"):
+        embedding_dim(build_discriminator(cfg.model, "gan"), "multi", "grid2-max+proj", 32, 1)
+    with pytest.raises(C.UserError, match="cluster.readout grid4-max\\+proj reads the contrastive D's projection head"):
+        C.load(None, {"cluster.readout": "grid4-max+proj"})
+    for bad in ("gap+proj", "proj+proj", "grid4-max+proj+proj", "+proj"):
+        with pytest.raises(C.UserError, match="unknown read-out"):
+            C.parse_readout(bad)
+
+
 def test_grid_larger_than_a_block_is_refused():
     cfg = C.load(None, {"model.width": 8})
     D = build_discriminator(cfg.model)

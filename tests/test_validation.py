@@ -76,6 +76,8 @@ def test_tune_counts(no_ray, capsys, fake_dir, tmp_path, flags, expect):
     (["--readout", "grid8-max"], "read-out grid8-max asks for a 8x8 grid but a D block's map is 4x4"),
     (["--readout", "pyramid"], "unknown read-out 'pyramid'"),
     (["--readout", "proj"], "read-out proj reads a contrastive D's projection head and this D has none"),
+    (["--readout", "grid4-max+proj"], "read-out grid4-max+proj reads a contrastive D's projection head"),
+    (["--readout", "grid8-max+proj"], "read-out grid8-max+proj reads a contrastive D's projection head"),
     (["--dim", "-1"], "--dim must be >= 0"),
 ])
 def test_embed_flags(no_ray, capsys, fake_dir, untrained_checkpoint, tmp_path, flags, expect):

@@ -174,7 +174,7 @@ def add_embed_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", default=CLUSTER.features, help=f"last | multi (every D block); default {CLUSTER.features}")
     p.add_argument("--readout", default=CLUSTER.readout,
                    help=f"gap (global average) | gridG-max | gridG-avg (each block pooled to G x G, L2 per block) | "
-                        f"proj (a contrastive D's projection head, L2); "
+                        f"proj (a contrastive D's projection head, L2) | gridG-max+proj (both); "
                         f"default {CLUSTER.readout}")
     p.add_argument("--dim", type=int, default=CLUSTER.embed_dim,
                    help=f"store read-outs wider than this projected to this many dimensions (the top singular "
