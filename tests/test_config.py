@@ -78,3 +78,17 @@ def test_validation(key, value, match):
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         C.Config().train.steps = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", ["digits.yaml", "dcgan_mnist.yaml", "dcgan_fashion.yaml", "resnet_cifar10.yaml"])
+def test_shipped_configs_load_and_their_read_out_fits_their_objective(name):
+    from pathlib import Path
+
+    from distgan.config import reads_head
+
+    cfg = C.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / name)  # validated as `train` loads it
+    C.parse_readout(cfg.cluster.readout)
+    # the measured recipes (README, Embedding quality): the MNIST / Fashion-MNIST configs read the
+    # contrastive head beside the grid, which only a contrastive D has
+    assert reads_head(cfg.cluster.readout) == (name in ("dcgan_mnist.yaml", "dcgan_fashion.yaml"))
+    assert not reads_head(cfg.cluster.readout) or cfg.objective.name == "contrastive"
