@@ -376,7 +376,7 @@ def validate(cfg: Config, combinations: bool = True) -> Config:
     parse_readout(c.readout)
     if reads_head(c.readout) and cfg.objective.name != "contrastive":
         raise UserError(f"cluster.readout {c.readout} reads the contrastive D's projection head: "
-                        f"set objective.name: contrastive (got {cfg.objective.name})")
+                        f"set objective.name: contrastive (got {cfg.objective.name}) or a read-out of D's blocks (e.g. grid4-max)")
     if not 0.0 < cfg.objective.crop_scale <= 1.0:
         raise UserError(f"objective.crop_scale must be in (0, 1], got {cfg.objective.crop_scale}")
     if cfg.objective.augment != "auto":

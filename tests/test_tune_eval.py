@@ -170,6 +170,18 @@ def test_bad_space_files(tmp_path, text, match):
         load_space(f)
 
 
+def test_an_objective_sweep_over_a_config_that_reads_the_contrastive_head_is_refused_up_front(tmp_path):
+    """The shipped MNIST / Fashion-MNIST configs embed through the contrastive head
+    (grid4-max+proj): sweeping the objective there would fail every non-contrastive trial."""
+    f = tmp_path / "space.yaml"
+    f.write_text("objective.name: {grid: [gan, contrastive]}\n")
+    base = C.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "dcgan_fashion.yaml")
+    with pytest.raises(UserError, match=r"can sample objective.name=gan, which is not valid: cluster.readout "
+                                        r"grid4-max\+proj reads the contrastive D's projection head.*e.g. grid4-max"):
+        load_space(f, base)
+    assert set(load_space(f, C.apply_overrides(base, {"cluster.readout": "grid4-max"}))) == {"objective.name"}
+
+
 def test_default_space_loads():
     space = load_space(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "space_default.yaml")
     assert {"model.arch", "loss.name", "model.spectral_norm", "optim.lr_g", "optim.lr_d", "optim.n_critic",
