@@ -39,8 +39,9 @@ MNIST 0.912 / 0.869 / 0.856 (XifengGuo/DEC-keras, results/exp1); ClusterGAN (500
 
 CONFIGS = {"mnist": "dcgan_mnist.yaml", "fashion-mnist": "dcgan_fashion.yaml", "cifar10": "resnet_cifar10.yaml"}
 MODELS = ("pixels", "random", "gan", "contrastive", "rotation", "autoencoder")
-# (read-out, preprocess): the chosen one and the one distgan used before; `--readout proj` scores
-# a contrastive D's projection head instead.
+# read-out -> the preprocessing it is scored with; READOUTS, the default rows: the grid and the one
+# distgan used before. `--readout proj` / `grid4-max+proj` score a contrastive D's projection head
+# (alone, or beside the grid: the shipped MNIST / Fashion-MNIST read-out).
 PREPROCESS = {"grid4-max": "pca", "gap": "pca-whiten", "proj": "pca", "grid4-max+proj": "pca"}
 READOUTS = tuple((r, PREPROCESS[r]) for r in ("grid4-max", "gap"))
 # (manifold, cluster.method): k-means on the features, k-means on the UMAP map, a mixture on it,
