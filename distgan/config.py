@@ -54,7 +54,7 @@ class ObjectiveConfig:
     fake_weight: float = 1.0  # weight of the fakes-vs-reals supervised-contrastive loss (ContraD's lambda)
     rotation_weight: float = 1.0  # D's rotation loss on reals (SS-GAN's beta)
     rotation_g_weight: float = 0.2  # G's rotation loss on fakes (SS-GAN's alpha)
-    augment: str = "auto"  # the contrastive views: comma list of crop,flip,color,gray,intensity,translation,cutout; auto = by channels
+    augment: str = "auto"  # the contrastive views: comma list of crop,rotate,flip,color,gray,intensity,translation,cutout; auto = by channels
     crop_scale: float = 0.4  # smallest area a crop keeps, as a fraction of the image (SimCLR: 0.08; ContraD: 0.2 on CIFAR)
 
 
@@ -281,7 +281,7 @@ LOSSES = ("ns", "hinge", "wgan-gp", "lsgan")
 AUGMENTS = ("translation", "cutout", "color")
 PREPROCESS = ("none", "l2", "pca", "pca-whiten")
 OBJECTIVES = ("gan", "contrastive", "rotation", "autoencoder")
-VIEW_AUGMENTS = ("crop", "flip", "color", "gray", "intensity", "translation", "cutout")
+VIEW_AUGMENTS = ("crop", "rotate", "flip", "color", "gray", "intensity", "translation", "cutout")
 COLOUR_AUGMENTS = ("color", "gray")  # mean nothing on one channel
 MANIFOLDS = ("none", "umap")
 CLUSTER_METHODS = ("kmeans", "gmm", "balanced")  # cluster/fit.py

@@ -45,6 +45,19 @@ def _crop(x: torch.Tensor, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tens
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def _rotate(x: torch.Tensor, degrees=(-15.0, 15.0)) -> torch.Tensor:
+    """A small random rotation per image (digits keep their class under a slant; 90 degrees
+    would not), resampled bilinearly about the centre; corners read the border pixels (the
+    background on MNIST-like data). Positive angles turn the content counter-clockwise (row 0 on top)."""
+    n, dev = x.shape[0], x.device
+    a = torch.empty(n, device=dev, dtype=x.dtype).uniform_(*degrees) * (math.pi / 180)
+    cos, sin = torch.cos(a), torch.sin(a)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)  # (N, 2, 3): output grid -> input coordinates
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, H, W, 2)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _flip(x: torch.Tensor) -> torch.Tensor:
     keep = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < 0.5
     return torch.where(keep, x, x.flip(3))
@@ -59,7 +72,7 @@ def _gray(x: torch.Tensor, p: float = 0.2) -> torch.Tensor:
 # intensity: DiffAugment's brightness and contrast without saturation, the part of colour jitter
 # that means something on one channel (SimCLR's colour distortion stops a view matching its
 # partner by histogram alone; on grayscale the histogram is the intensities).
-VIEW_AUGMENTS = {"crop": _crop, "flip": _flip, "gray": _gray, "intensity": partial(DIFF_AUGMENTS["color"], saturation=False),
+VIEW_AUGMENTS = {"crop": _crop, "rotate": _rotate, "flip": _flip, "gray": _gray, "intensity": partial(DIFF_AUGMENTS["color"], saturation=False),
                  **DIFF_AUGMENTS}
 
 

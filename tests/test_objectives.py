@@ -13,7 +13,7 @@ from distgan import config as C
 from distgan.cli import main
 from distgan.losses import nt_xent, supcon_fake
 from distgan.models import build_discriminator, embedding_dim, readout
-from distgan.objectives import VIEW_AUGMENTS, _rotated, augment_views, steps_for
+from distgan.objectives import VIEW_AUGMENTS, _rotate, _rotated, augment_views, steps_for
 from distgan.train import build_nets
 
 E1, E2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
@@ -70,8 +70,20 @@ def test_view_augmentations_keep_shape_range_and_gradient(name):
         assert y.min() >= -1 - 1e-5 and y.max() <= 1 + 1e-5
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    if name in ("crop", "translation", "cutout"):
+    if name in ("crop", "rotate", "translation", "cutout"):
         assert not torch.equal(y, x), f"{name} changed nothing"
+
+
+def test_rotate_turns_about_the_centre_by_the_drawn_angle():
+    # A quarter turn maps pixel centres onto pixel centres, so the bilinear resample is exact:
+    # +90 degrees is torch.rot90 (counter-clockwise), -90 its inverse.
+    x = torch.arange(2 * 25, dtype=torch.float32).view(2, 1, 5, 5)
+    assert torch.allclose(_rotate(x, (90.0, 90.0)), torch.rot90(x, 1, (2, 3)), atol=1e-4)
+    assert torch.allclose(_rotate(x, (-90.0, -90.0)), torch.rot90(x, -1, (2, 3)), atol=1e-4)
+    # the default draw stays small: a 15-degree slant moves a corner pixel, not the centre one
+    torch.manual_seed(0)
+    y = _rotate(x)
+    assert torch.allclose(y[:, :, 2, 2], x[:, :, 2, 2], atol=1e-4) and not torch.allclose(y, x)
 
 
 def test_auto_views_have_no_flips_or_colour_on_grayscale():
