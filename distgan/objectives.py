@@ -41,8 +41,14 @@ def _crop(x: torch.Tensor, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tens
     tx, ty = (torch.rand(n, device=dev) * 2 - 1) * (1 - sw), (torch.rand(n, device=dev) * 2 - 1) * (1 - sh)
     theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)  # (N, 2, 3): output grid -> input coordinates
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sw, tx, sh, ty
+    return _warp(x, theta, "reflection")
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor, padding: str) -> torch.Tensor:
+    """Resample each image of x (N, C, H, W) through its own affine map theta (N, 2, 3), bilinear,
+    so differentiable in x; what falls outside the image reads `padding`."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def _rotate(x: torch.Tensor, degrees=(-15.0, 15.0)) -> torch.Tensor:
@@ -54,8 +60,7 @@ def _rotate(x: torch.Tensor, degrees=(-15.0, 15.0)) -> torch.Tensor:
     cos, sin = torch.cos(a), torch.sin(a)
     theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)  # (N, 2, 3): output grid -> input coordinates
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # (N, H, W, 2)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _warp(x, theta, "border")
 
 
 def _flip(x: torch.Tensor) -> torch.Tensor:
