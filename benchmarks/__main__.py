@@ -11,14 +11,14 @@ import time
 
 import torch
 
-from . import embed, eval_cost, gpu, kmeans, manifold, projection, quality, read_path, scale, selection, train_throughput, umap_grid
+from . import balanced, embed, eval_cost, gpu, kmeans, manifold, projection, quality, read_path, scale, selection, train_throughput, umap_grid
 from .common import machine, machine_line, results_dir
 
-BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "embed": embed, "eval_cost": eval_cost,
+BENCHMARKS = {"train_throughput": train_throughput, "kmeans": kmeans, "balanced": balanced, "embed": embed, "eval_cost": eval_cost,
               "quality": quality, "projection": projection, "selection": selection, "scale": scale, "read_path": read_path, "manifold": manifold, "umap_grid": umap_grid, "gpu": gpu}
 # The GPU benchmark runs by default where there is a GPU; `--only gpu` asks for it anywhere.
 DEFAULT = [name for name in BENCHMARKS if name != "gpu" or torch.cuda.is_available()]
-TABLES = ["train_throughput", "kmeans", "kmeans_assign", "kmeans_paths", "scale", "read_path", "manifold", "embed", "embed_dim0", "embed_gap", "embed_write", "eval_cost", "quality", "projection", "umap_grid", "selection", "gpu"]
+TABLES = ["train_throughput", "kmeans", "kmeans_assign", "kmeans_paths", "balanced", "scale", "read_path", "manifold", "embed", "embed_dim0", "embed_gap", "embed_write", "eval_cost", "quality", "projection", "umap_grid", "selection", "gpu"]
 
 
 def main(argv=None) -> None:

@@ -628,6 +628,41 @@ def test_balanced_kmeans_holds_equal_sizes_where_kmeans_does_not():
     assert (rule == c).mean() > 0.995  # float32 near-ties aside
 
 
+def test_sinkhorn_potentials_reach_equal_shares_and_the_exact_balanced_assignment():
+    """The balancing step at fixed centroids: its plan's rows sum to 1 and its columns to m / k
+    (checked with scipy's logsumexp), and with a small epsilon its argmax is the exact min-cost
+    assignment onto equal shares (scipy's Hungarian over each centroid repeated m / k times)."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.special import logsumexp
+
+    from distgan.cluster.fit import sinkhorn_potentials
+
+    rng = np.random.default_rng(0)
+    m, k = 240, 4
+    x = rng.normal(size=(m, 2))
+    c = np.array([[0.0, 0.0], [0.3, 0.1], [2.0, 2.0], [-1.0, 1.5]])  # two centroids nearly on top of each other
+    cost = ((x[:, None] - c[None]) ** 2).sum(-1)  # (m, k)
+    logits = (-cost / (0.01 * np.median(cost))).astype(np.float32)
+    v, sweeps = sinkhorn_potentials(logits, np.zeros(k), sweeps=2000, tol=1e-6)
+    assert sweeps < 2000
+    u = -logsumexp(logits.astype(np.float64) + v[None], axis=1)
+    np.testing.assert_allclose(logsumexp(logits + u[:, None] + v[None], axis=0), np.log(m / k), atol=1e-4)
+    a = np.argmax(logits + v[None], axis=1)
+    rows, cols = linear_sum_assignment(np.repeat(cost, m // k, axis=1))  # column j * m/k + r is centroid j's r-th seat
+    exact = cols[np.argsort(rows)] // (m // k)
+    assert np.bincount(exact, minlength=k).tolist() == [m // k] * k
+    assert (a == exact).mean() > 0.97
+    assert np.abs(np.bincount(a, minlength=k) - m // k).max() <= 3
+    # nearest-centroid assignment is far from equal shares here: the balancing did the work
+    assert np.abs(np.bincount(cost.argmin(1), minlength=k) - m // k).max() > 20
+    # row blocks swept by threads: the same potentials as one block
+    big = (-rng.exponential(size=(6000, 7)) * rng.uniform(1, 20, 7)).astype(np.float32)  # columns unequally near
+    one, n1 = sinkhorn_potentials(big, np.zeros(7), sweeps=50, tol=0)
+    three, n3 = sinkhorn_potentials(big, np.zeros(7), sweeps=50, tol=0, threads=3)
+    assert n1 == n3 == 50 and np.abs(one).max() > 0.1
+    np.testing.assert_allclose(three, one, atol=1e-5)
+
+
 @pytest.mark.parametrize("method,manifold", [("gmm", "umap"), ("balanced", "none")])
 def test_own_index_method_runs_in_the_fit_task_and_the_actors_and_resumes(ray_running, tmp_path, method, manifold):
     """--method gmm / balanced: the clusterer is fitted in the Ray task (gmm on the UMAP map, which

@@ -224,9 +224,11 @@ def gaussian_mixture(z: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> M
 
 # ---------------------------------------------------------------- equal-size clusters
 
-BALANCE_CELLS = 50_000_000  # the (points x k) cost matrix the balancing holds: at most this many float64s
+BALANCE_CELLS = 50_000_000  # the (points x k) matrix the balancing holds: at most this many float32s (two copies)
 BALANCE_EPS = 0.05  # entropic regularisation, as a fraction of the median squared distance to a centroid
 BALANCE_ITER = 30  # Lloyd iterations after the k-means start
+BALANCE_SWEEPS = (100, 20)  # Sinkhorn sweeps at most: from zero potentials, then warm-started per Lloyd iteration
+BALANCE_TOL = 1e-3  # ... stopping sooner once no column potential moves more than this (log units: shares within 0.1%)
 
 
 @dataclass
@@ -238,6 +240,8 @@ class Balanced:
 
     centroids: np.ndarray
     offsets: np.ndarray
+    iterations: int = 0  # Lloyd iterations the fit ran (not saved: what benchmarks/balanced.py reports)
+    sweeps: int = 0  # Sinkhorn sweeps over all of them
 
     @property
     def index(self) -> "Balanced":
@@ -268,44 +272,97 @@ class Balanced:
         return {"balanced_offsets": self.offsets}
 
 
+def _lse(a: np.ndarray, axis: int) -> np.ndarray:
+    """log-sum-exp of a float32 (m, k) along axis, in place (a is overwritten): no temporaries
+    of a's size (scipy's logsumexp makes several, in float64). Sums in float64."""
+    mx = a.max(axis=axis, keepdims=True)
+    a -= mx
+    np.exp(a, out=a)
+    return np.log(a.sum(axis=axis, dtype=np.float64)) + mx.squeeze(axis)
+
+
+def sinkhorn_potentials(logits: np.ndarray, v: np.ndarray, sweeps: int = BALANCE_SWEEPS[0],
+                        tol: float = BALANCE_TOL, threads: int = 1) -> tuple[np.ndarray, int]:
+    """Column potentials v (k,) of the entropic transport of m points onto k equal shares:
+    logits (m, k) float32 = -cost / eps; the plan is exp(logits + u[:, None] + v[None]) with every
+    row summing to 1 and every column to m / k. Log-domain Sinkhorn sweeps from the given v
+    (a warm start) until v moves less than tol, at most `sweeps`. Returns (v, sweeps run); a
+    point's cluster is argmax_j logits[i, j] + v[j]. `threads` row blocks are swept at once
+    (numpy releases the GIL): each block's rows, and its part of every column's sum."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    m, k = logits.shape
+    log_share = np.log(m / k)
+    bounds = np.linspace(0, m, max(1, min(threads, m // 1024 or 1)) + 1).astype(int)
+    blocks = [(logits[i:j], np.empty((j - i, k), np.float32)) for i, j in zip(bounds[:-1], bounds[1:])]
+    v = np.asarray(v, np.float64)
+
+    def sweep_block(block, v32):  # -> (k,) this block's log column sums after its rows are normalised
+        lg, buf = block
+        np.add(lg, v32[None], out=buf)
+        u = -_lse(buf, axis=1)  # its rows sum to 1
+        np.add(lg, u[:, None].astype(np.float32), out=buf)
+        return _lse(buf, axis=0)
+
+    with ThreadPoolExecutor(len(blocks)) as pool:
+        for i in range(1, sweeps + 1):
+            v32 = v.astype(np.float32)
+            parts = np.stack(list(pool.map(sweep_block, blocks, [v32] * len(blocks))))  # (blocks, k)
+            mx = parts.max(0)
+            new = log_share - (np.log(np.exp(parts - mx).sum(0)) + mx)  # columns sum to m / k
+            moved = np.abs(new - v).max()
+            v = new
+            if moved < tol:
+                break
+    return v, i
+
+
 def balanced_kmeans(z: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
                     gpu: int | bool = False) -> Balanced:
     """faiss k-means (niter, best of nredo), then Lloyd iterations whose assignment step is an
-    entropic optimal transport of the points onto k equal shares (log-domain Sinkhorn, as
+    entropic optimal transport of the points onto k equal shares (sinkhorn_potentials, as
     SeLa / SwAV balance their self-labels), on at most BALANCE_CELLS / k points of z (N, d).
     The transport's column potentials become the per-cluster offsets; a point's cluster is the
     argmax of its row of the plan, i.e. the offset rule of `Balanced.nearest`."""
-    from scipy.special import logsumexp
+    import faiss
+    from scipy.sparse import csr_matrix
 
     n = len(z)
     start = kmeans(z, k, niter, nredo, seed=seed, gpu=gpu)
     m = min(n, max(k, BALANCE_CELLS // k))
     s = z if m == n else z[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
-    s = s.astype(np.float64)
-    c = start.centroids.astype(np.float64)
+    s = np.ascontiguousarray(s, dtype=np.float32)
+    c = start.centroids.astype(np.float32)
     s2 = (s * s).sum(1)[:, None]
 
-    def cost(c):  # (m, k) squared distances
-        return np.maximum(s2 - 2 * s @ c.T + (c * c).sum(1)[None], 0)
+    def neg_cost(c):  # (m, k) float32: -squared distances
+        d = s @ (-2 * c.T)  # (m, d) @ (d, k): one BLAS call
+        d += s2
+        d += (c * c).sum(1)[None]
+        np.maximum(d, 0, out=d)
+        return np.negative(d, out=d)
 
-    d = cost(c)
-    eps = BALANCE_EPS * float(np.median(d))
-    v, log_share, a = np.zeros(k), np.log(m / k), None
+    logits = neg_cost(c)
+    eps = BALANCE_EPS * float(np.median(-logits))
+    logits /= eps
+    threads = faiss.omp_get_max_threads()  # the CPUs this process was given (set_faiss_threads in a Ray task)
+    v, a, sweeps = np.zeros(k), None, 0
     for it in range(BALANCE_ITER + 1):
-        logits = -d / eps
-        for _ in range(100 if it == 0 else 20):  # warm-started potentials: a few sweeps per iteration
-            u = -logsumexp(logits + v[None], axis=1)
-            v = log_share - logsumexp(logits + u[:, None], axis=0)
-        new = np.argmax(logits + v[None], axis=1)
+        v, ran = sinkhorn_potentials(logits, v, BALANCE_SWEEPS[0] if it == 0 else BALANCE_SWEEPS[1], threads=threads)
+        sweeps += ran
+        new = np.argmax(logits + v[None].astype(np.float32), axis=1)
         if it == BALANCE_ITER or (a is not None and (new == a).all()):
             a = new
             break
         a = new
-        for j in range(k):  # an emptied cluster keeps its centroid
-            if (a == j).any():
-                c[j] = s[a == j].mean(0)
-        d = cost(c)
-    return Balanced(c.astype(np.float32), (eps * v).astype(np.float32))
+        # the new centroids: per-cluster means as one sparse product, (k, m) one-hot @ (m, d)
+        counts = np.bincount(a, minlength=k)
+        sums = csr_matrix((np.ones(m, np.float32), (a, np.arange(m))), shape=(k, m)) @ s
+        filled = counts > 0  # an emptied cluster keeps its centroid
+        c[filled] = sums[filled] / counts[filled, None]
+        logits = neg_cost(c)
+        logits /= eps
+    return Balanced(c.astype(np.float32), (eps * v).astype(np.float32), it, sweeps)
 
 
 CLUSTERERS = {"kmeans": "faiss k-means", "gmm": "Gaussian mixture",
