@@ -1,8 +1,8 @@
 """What `--method balanced` (equal-size k-means) costs over plain faiss k-means, on the
 10-d maps it runs on after UMAP: points around k Gaussian centres of unequal spread, for
-k = 10, 100 and 1000 on as many points as `distgan cluster` fits on by default (its
-k-means sample: 100,000 up to k = 390, then 256 per centroid); the balancing itself works on at
-most BALANCE_CELLS / k of them. Both from the same k-means start (balanced_kmeans runs that
+k = 10, 100 and 1000 on as many points as `distgan cluster` fits on by default
+(`default_sample`: 100,000 up to k = 390, then 256 per centroid); the balancing itself works on
+`balance_sample` of them (at most BALANCE_CELLS / k). Both from the same k-means start (balanced_kmeans runs that
 k-means first); best of `reps`, with the spread.
 
     python -m benchmarks.balanced [--quick]
@@ -15,7 +15,7 @@ import numpy as np
 
 from .common import timed, write_results
 
-CASES = [(10, 100_000), (100, 100_000), (1000, 256_000)]
+KS = (10, 100, 1000)
 QUICK = [(10, 20_000), (100, 20_000)]
 
 
@@ -30,6 +30,7 @@ def points(k: int, n: int, seed: int = 0) -> np.ndarray:
 
 
 def main(argv=None):
+    from distgan.cluster import default_sample
     from distgan.cluster import fit as F
 
     p = argparse.ArgumentParser()
@@ -38,13 +39,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     reps = 1 if args.quick else args.reps
     rows = []
-    for k, n in QUICK if args.quick else CASES:
+    for k, n in QUICK if args.quick else [(k, default_sample(10**9, k)) for k in KS]:
         z = points(k, n)
         km = [timed(F.kmeans, z, k, 20, 1, seed=0)[1] for _ in range(reps)]
         runs = [timed(F.balanced_kmeans, z, k, 20, 1, seed=0) for _ in range(reps)]
         b, bal = runs[0][0], [t for _, t in runs]
         sizes = np.bincount(F.search(b, z)[0], minlength=k)
-        rows.append({"k": k, "points": n, "balanced on": min(n, max(k, F.BALANCE_CELLS // k)),
+        rows.append({"k": k, "points": n, "balanced on": F.balance_sample(n, k),
                      "k-means s": min(km), "balanced s": min(bal), "spread s": max(bal) - min(bal),
                      "balanced / k-means": min(bal) / min(km), "Lloyd iterations": b.iterations,
                      "Sinkhorn sweeps": b.sweeps, "sizes (min-max) / (n/k)": f"{sizes.min() * k / n:.3f}-{sizes.max() * k / n:.3f}"})

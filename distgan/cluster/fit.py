@@ -224,7 +224,7 @@ def gaussian_mixture(z: np.ndarray, k: int, seed: int = 0, n_init: int = 3) -> M
 
 # ---------------------------------------------------------------- equal-size clusters
 
-BALANCE_CELLS = 50_000_000  # the (points x k) matrix the balancing holds: at most this many float32s (two copies)
+BALANCE_CELLS = 50_000_000  # the (points x k) matrix the balancing holds: at most this many float32s (three copies at peak)
 BALANCE_EPS = 0.05  # entropic regularisation, as a fraction of the median squared distance to a centroid
 BALANCE_ITER = 30  # Lloyd iterations after the k-means start
 BALANCE_SWEEPS = (100, 20)  # Sinkhorn sweeps at most: from zero potentials, then warm-started per Lloyd iteration
@@ -291,6 +291,8 @@ def sinkhorn_potentials(logits: np.ndarray, v: np.ndarray, sweeps: int = BALANCE
     (numpy releases the GIL): each block's rows, and its part of every column's sum."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from scipy.special import logsumexp
+
     m, k = logits.shape
     log_share = np.log(m / k)
     bounds = np.linspace(0, m, max(1, min(threads, m // 1024 or 1)) + 1).astype(int)
@@ -308,13 +310,17 @@ def sinkhorn_potentials(logits: np.ndarray, v: np.ndarray, sweeps: int = BALANCE
         for i in range(1, sweeps + 1):
             v32 = v.astype(np.float32)
             parts = np.stack(list(pool.map(sweep_block, blocks, [v32] * len(blocks))))  # (blocks, k)
-            mx = parts.max(0)
-            new = log_share - (np.log(np.exp(parts - mx).sum(0)) + mx)  # columns sum to m / k
+            new = log_share - logsumexp(parts, axis=0)  # columns sum to m / k
             moved = np.abs(new - v).max()
             v = new
             if moved < tol:
                 break
     return v, i
+
+
+def balance_sample(n: int, k: int) -> int:
+    """How many of n points the balancing of k clusters works on: all, up to BALANCE_CELLS / k."""
+    return min(n, max(k, BALANCE_CELLS // k))
 
 
 def balanced_kmeans(z: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed: int = 0,
@@ -329,7 +335,7 @@ def balanced_kmeans(z: np.ndarray, k: int, niter: int = 20, nredo: int = 1, seed
 
     n = len(z)
     start = kmeans(z, k, niter, nredo, seed=seed, gpu=gpu)
-    m = min(n, max(k, BALANCE_CELLS // k))
+    m = balance_sample(n, k)
     s = z if m == n else z[np.sort(np.random.default_rng(seed).choice(n, m, replace=False))]
     s = np.ascontiguousarray(s, dtype=np.float32)
     c = start.centroids.astype(np.float32)
